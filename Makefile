@@ -1,0 +1,43 @@
+# Switchboard: `make up` brings the suite up on embedded defaults, `make test`
+# runs every test from nothing. Both make their own virtualenv and stubs.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find protos/switchboard -name '*.proto')
+
+.PHONY: up test gen lint typecheck unit bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# Generated stubs live in gen/, importable as their proto packages.
+	echo "$(CURDIR)/gen" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/switchboard-gen.pth"
+	touch $@
+
+gen/.stamp: $(INSTALLED) $(PROTOS) scripts/gen_protos.py
+	$(PY) scripts/gen_protos.py
+	touch $@
+
+gen: gen/.stamp
+
+up: gen
+	$(PY) -m services.launcher
+
+lint: gen
+	cd protos && ../$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: gen
+	$(VENV)/bin/mypy
+
+test: lint typecheck
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: gen
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) gen protos/.deps .pytest_cache .mypy_cache .ruff_cache

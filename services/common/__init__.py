@@ -1,0 +1,1 @@
+"""The shared runtime every Switchboard service boots through, used the same way by each."""

@@ -1,0 +1,215 @@
+"""Local verification of access tokens, the same in every service.
+
+Tokens are EdDSA-signed JWTs. Keys come from `AuthService.GetJwks`, cached and
+refetched when a token names an unknown `kid` (so a rotated key is picked up on
+first sight). Revocations come from the `ListTokenRevocations` feed, polled in
+the background: verification never calls the auth service on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import jwt
+from switchboard.auth.v1 import auth_service_pb2, auth_service_pb2_grpc, token_pb2
+
+from services.common.errors import PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+ALGORITHM = "EdDSA"
+# Tolerated clock difference between services, in seconds.
+LEEWAY_SECONDS = 5
+# Unknown kids are refetched at most this often, so garbage tokens cannot make
+# a service hammer the auth service.
+JWKS_MIN_REFRESH_SECONDS = 1.0
+
+
+class Role(enum.StrEnum):
+    ADMIN = "admin"
+    USER = "user"
+    SERVICE = "service"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as proven by a verified token. Immutable."""
+
+    user_id: str
+    username: str
+    role: Role
+    token_id: str
+    session_id: str
+    expires_at: float
+
+    def require_role(self, *roles: Role) -> None:
+        if self.role not in roles:
+            raise PermissionDenied(
+                "this method needs the role " + " or ".join(r.value for r in roles),
+                reason="ROLE_REQUIRED",
+                metadata={"required": ",".join(r.value for r in roles)},
+            )
+
+
+class KeySource(Protocol):
+    async def key(self, kid: str) -> jwt.PyJWK | None: ...
+
+
+class RevocationSource(Protocol):
+    def is_revoked(self, token_id: str, session_id: str) -> bool: ...
+
+
+def jwk_from_proto(key: token_pb2.JsonWebKey) -> jwt.PyJWK:
+    return jwt.PyJWK(
+        {"kty": key.kty, "crv": key.crv, "x": key.x, "alg": key.alg, "use": key.use, "kid": key.kid}
+    )
+
+
+class TokenVerifier:
+    def __init__(self, keys: KeySource, revocations: RevocationSource, issuer: str, audience: str) -> None:
+        self._keys = keys
+        self._revocations = revocations
+        self._issuer = issuer
+        self._audience = audience
+
+    async def verify(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("the access token is malformed", reason="TOKEN_INVALID") from None
+        kid = header.get("kid")
+        if not isinstance(kid, str) or header.get("alg") != ALGORITHM:
+            raise Unauthenticated("the access token is malformed", reason="TOKEN_INVALID")
+        key = await self._keys.key(kid)
+        if key is None:
+            raise Unauthenticated("the access token was not signed by a known key", reason="TOKEN_INVALID")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["exp", "iat", "sub", "jti", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the access token has expired", reason="TOKEN_EXPIRED") from None
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("the access token is invalid", reason="TOKEN_INVALID") from None
+        try:
+            principal = Principal(
+                user_id=str(claims["sub"]),
+                username=str(claims.get("name", "")),
+                role=Role(claims.get("role")),
+                token_id=str(claims["jti"]),
+                session_id=str(claims.get("sid", "")),
+                expires_at=float(claims["exp"]),
+            )
+        except ValueError:
+            raise Unauthenticated("the access token is invalid", reason="TOKEN_INVALID") from None
+        if self._revocations.is_revoked(principal.token_id, principal.session_id):
+            raise Unauthenticated("the access token has been revoked", reason="TOKEN_REVOKED")
+        return principal
+
+
+class RemoteKeySource:
+    """The auth service's key set, cached; refetched when an unknown kid shows up."""
+
+    def __init__(self, stub: auth_service_pb2_grpc.AuthServiceStub, call_timeout: float = 3.0) -> None:
+        self._stub = stub
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._lock = asyncio.Lock()
+        self._last_fetch = 0.0
+        self._call_timeout = call_timeout
+
+    async def refresh(self) -> None:
+        response = await self._stub.GetJwks(auth_service_pb2.GetJwksRequest(), timeout=self._call_timeout)
+        self._keys = {key.kid: jwk_from_proto(key) for key in response.keys}
+        self._last_fetch = time.monotonic()
+
+    async def key(self, kid: str) -> jwt.PyJWK | None:
+        found = self._keys.get(kid)
+        if found is not None:
+            return found
+        async with self._lock:
+            if kid not in self._keys and time.monotonic() - self._last_fetch >= JWKS_MIN_REFRESH_SECONDS:
+                try:
+                    await self.refresh()
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("could not refresh the signing key set", extra={"code": exc.code().name})
+            return self._keys.get(kid)
+
+
+class RemoteRevocationFeed:
+    """Follows `ListTokenRevocations`; entries are dropped once their tokens expire."""
+
+    def __init__(self, stub: auth_service_pb2_grpc.AuthServiceStub, poll_seconds: float) -> None:
+        self._stub = stub
+        self._poll_seconds = poll_seconds
+        self._token_ids: dict[str, float] = {}
+        self._session_ids: dict[str, float] = {}
+        self._last_sequence = 0
+        self._task: asyncio.Task[None] | None = None
+        self.synced = False
+
+    def is_revoked(self, token_id: str, session_id: str) -> bool:
+        return token_id in self._token_ids or (bool(session_id) and session_id in self._session_ids)
+
+    async def poll_once(self) -> None:
+        while True:
+            response = await self._stub.ListTokenRevocations(
+                auth_service_pb2.ListTokenRevocationsRequest(after_sequence=self._last_sequence, page_size=1000),
+                timeout=3.0,
+            )
+            for revocation in response.revocations:
+                expires = revocation.expire_time.ToSeconds() + LEEWAY_SECONDS
+                if revocation.token_id:
+                    self._token_ids[revocation.token_id] = expires
+                if revocation.session_id:
+                    self._session_ids[revocation.session_id] = expires
+            self._last_sequence = max(self._last_sequence, response.last_sequence)
+            if len(response.revocations) < 1000:
+                break
+        now = time.time()
+        for table in (self._token_ids, self._session_ids):
+            for key in [k for k, exp in table.items() if exp < now]:
+                del table[key]
+        self.synced = True
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except grpc.aio.AioRpcError as exc:
+                log.warning("revocation feed unreachable", extra={"code": exc.code().name})
+            await asyncio.sleep(self._poll_seconds)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="revocation-feed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("authorization must be 'Bearer <token>'", reason="TOKEN_MALFORMED")
+            return token.strip()
+    raise Unauthenticated("this method needs an access token", reason="TOKEN_MISSING")

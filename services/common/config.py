@@ -1,0 +1,83 @@
+"""Typed, frozen configuration from `SWITCHBOARD_<SERVICE>_<NAME>` variables.
+
+Each service declares one subclass of `ServiceConfig` in its own `config.py`
+and loads it with `load_config`; a bad or missing value stops the process at
+once with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ConfigT = TypeVar("ConfigT", bound="ServiceConfig")
+
+MIB = 1024 * 1024
+
+
+class ConfigError(SystemExit):
+    """Raised at start-up; its message names the offending variable."""
+
+
+class ServiceConfig(BaseSettings):
+    """Settings every service has. Subclasses set `env_prefix` and `port`."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+    # Where embedded storage and the local trace file live.
+    data_dir: Path = Path(".switchboard")
+    # SQLAlchemy URL; empty means SQLite under data_dir.
+    database_url: str = ""
+    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    # Local trace file, used when OTEL_EXPORTER_OTLP_ENDPOINT is not set.
+    trace_file: Path | None = None
+    # Largest request or response accepted, in bytes.
+    max_message_bytes: int = Field(default=4 * MIB, ge=64 * 1024, le=64 * MIB)
+    # How long in-flight RPCs may take to finish on shutdown.
+    shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=120)
+    # The auth service, for the signing key set and the revocation feed.
+    auth_address: str = "127.0.0.1:50051"
+    token_issuer: str = "switchboard-auth"
+    token_audience: str = "switchboard"
+    # How often revocations are polled: a revoked token is refused within this
+    # plus one round trip.
+    revocation_poll_seconds: float = Field(default=1.0, gt=0, le=5)
+
+    service_name: str = ""  # set by each subclass
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Self:
+        if self.trace_file is None:
+            object.__setattr__(self, "trace_file", self.data_dir / "traces.jsonl")
+        return self
+
+    def sqlite_path(self) -> Path:
+        return self.data_dir / f"{self.service_name}.db"
+
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.sqlite_path()}"
+
+    @property
+    def listen_address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def load_config(cls: type[ConfigT], **overrides: Any) -> ConfigT:
+    """Read `cls` from the environment, or stop naming the bad variable."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", "")).upper()
+        lines = []
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper()
+            lines.append(f"  {prefix}{name}: {error['msg']}")
+        message = "invalid configuration:\n" + "\n".join(lines)
+        print(message, file=sys.stderr)
+        raise ConfigError(2) from None

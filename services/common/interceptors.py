@@ -1,0 +1,207 @@
+"""The server interceptor stack, outermost first: tracing → access log → error
+mapping → authentication (see `server.build_interceptors`).
+
+Each of ours wraps the method's behaviour once, for all four RPC kinds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+
+from services.common.auth import Principal, TokenVerifier, bearer_token
+from services.common.errors import SwitchboardError, Unauthenticated, internal_status
+from services.common.tracing import ATTR_USER_ID, trace_id_hex
+
+log = logging.getLogger("switchboard.rpc")
+
+Behavior = Callable[..., Any]
+# Methods of these services never need a token.
+ALWAYS_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class AuthenticatedContext:
+    """The servicer context of an authenticated call: the real context plus the
+    verified principal, handed explicitly to the servicer method."""
+
+    def __init__(self, inner: grpc.aio.ServicerContext[Any, Any], principal: Principal) -> None:
+        self._inner = inner
+        self.principal = principal
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def principal_of(context: Any) -> Principal:
+    if isinstance(context, AuthenticatedContext):
+        return context.principal
+    raise Unauthenticated("this method needs an access token", reason="TOKEN_MISSING")
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Behavior]
+) -> grpc.RpcMethodHandler:
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        wrap(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer
+    )
+
+
+class _WrappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        return _wrap_handler(handler, lambda behavior, streaming: self.wrap(behavior, streaming, method))
+
+    def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
+        raise NotImplementedError
+
+
+def _is_async_generator(behavior: Behavior, streaming: bool) -> bool:
+    return streaming and inspect.isasyncgenfunction(behavior)
+
+
+class AccessLogInterceptor(_WrappingInterceptor):
+    """One structured line per RPC: method, status code, duration."""
+
+    def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
+        if method.startswith(ALWAYS_PUBLIC_PREFIXES):
+            return behavior
+
+        def finish(context: Any, started: float, code: str) -> None:
+            log.info(
+                "rpc",
+                extra={"rpc_method": method, "code": code, "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
+            )
+
+        def code_of(context: Any, exc: BaseException | None) -> str:
+            if exc is None:
+                return "OK"
+            if isinstance(exc, asyncio.CancelledError):
+                return "CANCELLED"
+            code = context.code() if hasattr(context, "code") else None
+            return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+        if _is_async_generator(behavior, streaming):
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                started, failure = time.perf_counter(), None
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    finish(context, started, code_of(context, failure))
+
+            return stream
+
+        async def unary(request: Any, context: Any) -> Any:
+            started, failure = time.perf_counter(), None
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                finish(context, started, code_of(context, failure))
+
+        return unary
+
+
+class ErrorMappingInterceptor(_WrappingInterceptor):
+    """The one place where errors become `google.rpc.Status`. Typed errors keep
+    their code and details; anything else is INTERNAL with a generic message,
+    and its detail goes to the log with the trace id."""
+
+    @staticmethod
+    async def _abort(context: Any, exc: Exception, method: str) -> None:
+        if isinstance(exc, SwitchboardError):
+            status = exc.to_grpc_status()
+        else:
+            log.error("unexpected error", exc_info=exc, extra={"rpc_method": method})
+            status = internal_status(trace_id_hex())
+        span = trace.get_current_span()
+        span.set_status(trace.Status(trace.StatusCode.ERROR, status.details))
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
+        abort = self._abort
+        if _is_async_generator(behavior, streaming):
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped, never swallowed: see _abort
+                    await abort(context, exc, method)
+
+            return stream
+
+        async def unary(request: Any, context: Any) -> Any:
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped, never swallowed: see _abort
+                await abort(context, exc, method)
+
+        return unary
+
+
+class AuthenticationInterceptor(_WrappingInterceptor):
+    """Verifies the bearer token locally and hands the principal to the method."""
+
+    def __init__(self, verifier: TokenVerifier, public_methods: frozenset[str]) -> None:
+        self._verifier = verifier
+        self._public = public_methods
+
+    async def _authenticate(self, context: Any) -> AuthenticatedContext:
+        principal = await self._verifier.verify(bearer_token(context.invocation_metadata()))
+        trace.get_current_span().set_attribute(ATTR_USER_ID, principal.user_id)
+        return AuthenticatedContext(context, principal)
+
+    def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
+        if method in self._public or method.startswith(ALWAYS_PUBLIC_PREFIXES):
+            return behavior
+        authenticate = self._authenticate
+        if _is_async_generator(behavior, streaming):
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                authenticated = await authenticate(context)
+                async for item in behavior(request, authenticated):
+                    yield item
+
+            return stream
+
+        async def unary(request: Any, context: Any) -> Any:
+            return await behavior(request, await authenticate(context))
+
+        return unary

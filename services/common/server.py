@@ -1,0 +1,173 @@
+"""Server start-up and shutdown, the same for every service.
+
+A service's `__main__` loads its config and calls `run(config, build)`, where
+`build` wires the service's parts from the shared `Runtime`. This module then
+starts the gRPC server with the interceptor stack, the health service
+(NOT_SERVING until the service's dependencies answer) and reflection, and on
+SIGTERM/SIGINT: health NOT_SERVING → server.stop(grace) → the service's own
+stop hooks → channels closed → traces flushed → exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from switchboard.auth.v1 import auth_service_pb2_grpc
+
+from services.common import db
+from services.common.auth import RemoteKeySource, RemoteRevocationFeed, TokenVerifier
+from services.common.channels import ServiceChannels
+from services.common.config import ServiceConfig
+from services.common.interceptors import (
+    AccessLogInterceptor,
+    AuthenticationInterceptor,
+    ErrorMappingInterceptor,
+)
+from services.common.logs import configure_logging
+from services.common.tracing import setup_tracing
+
+log = logging.getLogger("switchboard.server")
+
+READINESS_POLL_SECONDS = 0.2
+
+
+@dataclass
+class ServiceParts:
+    """What a service contributes to the shared server."""
+
+    # Adds the servicers; returns their full service names (for health and reflection).
+    add_to_server: Callable[[grpc.aio.Server], Sequence[str]]
+    verifier: TokenVerifier
+    # True once every dependency answers; polled until then.
+    check_ready: Callable[[], Awaitable[bool]]
+    # Full method names that need no token.
+    public_methods: frozenset[str] = frozenset()
+    # Run after the server has started, and after it has stopped, in order.
+    on_start: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+@dataclass
+class RemoteVerification:
+    """Token verification against the auth service: keys and revocation feed."""
+
+    verifier: TokenVerifier
+    keys: RemoteKeySource
+    revocations: RemoteRevocationFeed
+
+    async def ready(self) -> bool:
+        try:
+            await self.keys.refresh()
+        except grpc.aio.AioRpcError:
+            return False
+        return self.revocations.synced
+
+
+class Runtime:
+    """Shared pieces a service's wiring may use; one per process."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.channels = ServiceChannels()
+
+    def auth_stub(self) -> auth_service_pb2_grpc.AuthServiceStub:
+        return auth_service_pb2_grpc.AuthServiceStub(self.channels.get(self.config.auth_address))
+
+    def remote_verification(self) -> RemoteVerification:
+        stub = self.auth_stub()
+        keys = RemoteKeySource(stub)
+        revocations = RemoteRevocationFeed(stub, self.config.revocation_poll_seconds)
+        verifier = TokenVerifier(keys, revocations, self.config.token_issuer, self.config.token_audience)
+        return RemoteVerification(verifier, keys, revocations)
+
+
+async def database_ready(engine: AsyncEngine) -> bool:
+    try:
+        await db.ping(engine)
+    except (SQLAlchemyError, OSError):
+        return False
+    return True
+
+
+def build_interceptors(parts: ServiceParts) -> list[grpc.aio.ServerInterceptor]:
+    # Outermost first. Health checks are not traced.
+    return [
+        aio_server_interceptor(filter_=filters.negate(filters.health_check())),
+        AccessLogInterceptor(),
+        ErrorMappingInterceptor(),
+        AuthenticationInterceptor(parts.verifier, parts.public_methods),
+    ]
+
+
+async def _await_ready(parts: ServiceParts, health_servicer: health.aio.HealthServicer, names: Sequence[str]) -> None:
+    while not await parts.check_ready():
+        await asyncio.sleep(READINESS_POLL_SECONDS)
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving")
+
+
+async def serve(config: ServiceConfig, runtime: Runtime, build: Callable[[Runtime], Awaitable[ServiceParts]]) -> None:
+    parts = await build(runtime)
+    server = grpc.aio.server(
+        interceptors=build_interceptors(parts),
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(parts.add_to_server(server))
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(config.listen_address)
+    await server.start()
+    log.info("listening", extra={"address": f"{config.host}:{port}", "services": names})
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+
+    for hook in parts.on_start:
+        await hook()
+    readiness = asyncio.create_task(_await_ready(parts, health_servicer, names), name="readiness")
+    await stopping.wait()
+
+    log.info("stopping", extra={"grace_seconds": config.shutdown_grace_seconds})
+    readiness.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await readiness
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.shutdown_grace_seconds)
+    for hook in parts.on_stop:
+        await hook()
+    await runtime.channels.close()
+    log.info("stopped")
+
+
+def run(config: ServiceConfig, build: Callable[[Runtime], Awaitable[ServiceParts]]) -> None:
+    """The entry point of every service process."""
+    configure_logging(config.service_name, config.log_level)
+    provider = setup_tracing(config.service_name, config.trace_file)
+    try:
+        asyncio.run(serve(config, Runtime(config), build))
+    finally:
+        provider.shutdown()
