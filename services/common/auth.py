@@ -108,7 +108,7 @@ class TokenVerifier:
             principal = Principal(
                 user_id=str(claims["sub"]),
                 username=str(claims.get("name", "")),
-                role=Role(claims.get("role")),
+                role=Role(str(claims.get("role"))),
                 token_id=str(claims["jti"]),
                 session_id=str(claims.get("sid", "")),
                 expires_at=float(claims["exp"]),
@@ -123,7 +123,7 @@ class TokenVerifier:
 class RemoteKeySource:
     """The auth service's key set, cached; refetched when an unknown kid shows up."""
 
-    def __init__(self, stub: auth_service_pb2_grpc.AuthServiceStub, call_timeout: float = 3.0) -> None:
+    def __init__(self, stub: auth_service_pb2_grpc.AuthServiceAsyncStub, call_timeout: float = 3.0) -> None:
         self._stub = stub
         self._keys: dict[str, jwt.PyJWK] = {}
         self._lock = asyncio.Lock()
@@ -151,7 +151,7 @@ class RemoteKeySource:
 class RemoteRevocationFeed:
     """Follows `ListTokenRevocations`; entries are dropped once their tokens expire."""
 
-    def __init__(self, stub: auth_service_pb2_grpc.AuthServiceStub, poll_seconds: float) -> None:
+    def __init__(self, stub: auth_service_pb2_grpc.AuthServiceAsyncStub, poll_seconds: float) -> None:
         self._stub = stub
         self._poll_seconds = poll_seconds
         self._token_ids: dict[str, float] = {}
@@ -166,7 +166,9 @@ class RemoteRevocationFeed:
     async def poll_once(self) -> None:
         while True:
             response = await self._stub.ListTokenRevocations(
-                auth_service_pb2.ListTokenRevocationsRequest(after_sequence=self._last_sequence, page_size=1000),
+                auth_service_pb2.ListTokenRevocationsRequest(
+                    after_sequence=self._last_sequence, page_size=1000
+                ),
                 timeout=3.0,
             )
             for revocation in response.revocations:

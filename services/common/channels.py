@@ -54,13 +54,15 @@ class ServiceChannels:
     def get(self, target: str) -> grpc.aio.Channel:
         channel = self._channels.get(target)
         if channel is None:
-            channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=aio_client_interceptors())
+            channel = grpc.aio.insecure_channel(
+                target, options=CHANNEL_OPTIONS, interceptors=aio_client_interceptors()
+            )
             self._channels[target] = channel
         return channel
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(channel.close() for channel in channels))
+        await asyncio.gather(*(channel.close(grace=None) for channel in channels))
 
 
 def timeout_within(deadline: float | None, ceiling: float) -> float:
@@ -76,7 +78,9 @@ class ServiceCredentials:
     # Renew this long before the token expires.
     RENEW_MARGIN_SECONDS = 30.0
 
-    def __init__(self, auth: auth_service_pb2_grpc.AuthServiceStub, username: str, password: str) -> None:
+    def __init__(
+        self, auth: auth_service_pb2_grpc.AuthServiceAsyncStub, username: str, password: str
+    ) -> None:
         self._auth = auth
         self._username = username
         self._password = password

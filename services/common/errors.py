@@ -46,7 +46,9 @@ class SwitchboardError(Exception):
 
     def details(self) -> list[any_pb2.Any]:
         info = any_pb2.Any()
-        info.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))
+        info.Pack(
+            error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)
+        )
         packed = [info]
         if self.retry_after is not None:
             retry = any_pb2.Any()

@@ -45,9 +45,7 @@ def principal_of(context: Any) -> Principal:
     raise Unauthenticated("this method needs an access token", reason="TOKEN_MISSING")
 
 
-def _wrap_handler(
-    handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Behavior]
-) -> grpc.RpcMethodHandler:
+def _wrap_handler(handler: Any, wrap: Callable[[Behavior, bool], Behavior]) -> grpc.RpcMethodHandler:
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer
@@ -95,7 +93,11 @@ class AccessLogInterceptor(_WrappingInterceptor):
         def finish(context: Any, started: float, code: str) -> None:
             log.info(
                 "rpc",
-                extra={"rpc_method": method, "code": code, "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
+                extra={
+                    "rpc_method": method,
+                    "code": code,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
             )
 
         def code_of(context: Any, exc: BaseException | None) -> str:

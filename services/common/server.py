@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from sqlalchemy.exc import SQLAlchemyError
@@ -81,8 +82,8 @@ class Runtime:
         self.config = config
         self.channels = ServiceChannels()
 
-    def auth_stub(self) -> auth_service_pb2_grpc.AuthServiceStub:
-        return auth_service_pb2_grpc.AuthServiceStub(self.channels.get(self.config.auth_address))
+    def auth_stub(self) -> auth_service_pb2_grpc.AuthServiceAsyncStub:
+        return auth_service_pb2_grpc.AuthServiceStub(self.channels.get(self.config.auth_address))  # type: ignore[return-value]
 
     def remote_verification(self) -> RemoteVerification:
         stub = self.auth_stub()
@@ -110,15 +111,18 @@ def build_interceptors(parts: ServiceParts) -> list[grpc.aio.ServerInterceptor]:
     ]
 
 
-async def _await_ready(parts: ServiceParts, health_servicer: health.aio.HealthServicer, names: Sequence[str]) -> None:
-    while not await parts.check_ready():
+async def _await_ready(parts: ServiceParts, health_servicer: HealthServicer, names: Sequence[str]) -> None:
+    # Dependencies have no event to wait on: poll them.
+    while not await parts.check_ready():  # noqa: ASYNC110
         await asyncio.sleep(READINESS_POLL_SECONDS)
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving")
 
 
-async def serve(config: ServiceConfig, runtime: Runtime, build: Callable[[Runtime], Awaitable[ServiceParts]]) -> None:
+async def serve(
+    config: ServiceConfig, runtime: Runtime, build: Callable[[Runtime], Awaitable[ServiceParts]]
+) -> None:
     parts = await build(runtime)
     server = grpc.aio.server(
         interceptors=build_interceptors(parts),
@@ -129,7 +133,7 @@ async def serve(config: ServiceConfig, runtime: Runtime, build: Callable[[Runtim
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ],
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(parts.add_to_server(server))
     for name in ("", *names):

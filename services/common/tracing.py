@@ -34,7 +34,9 @@ class JsonLinesSpanExporter(SpanExporter):
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = "".join(json.dumps(json.loads(span.to_json()), separators=(",", ":")) + "\n" for span in spans)
+        lines = "".join(
+            json.dumps(json.loads(span.to_json()), separators=(",", ":")) + "\n" for span in spans
+        )
         with self._lock, self.path.open("a", encoding="utf-8") as handle:
             # One write per batch: appends from several processes do not interleave.
             handle.write(lines)
