@@ -1,0 +1,78 @@
+"""Fixtures shared by every test folder.
+
+PostgreSQL and Redis are required in CI (`CI` set, as `.ci/run` does): their
+tests fail, not skip, when the servers are unreachable there.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.suite import Suite, start_suite
+
+POSTGRES_URL = os.environ.get("SWITCHBOARD_TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def backends_required() -> bool:
+    return bool(os.environ.get("CI")) or os.environ.get("SWITCHBOARD_REQUIRE_BACKENDS") == "1"
+
+
+def _unreachable(what: str, error: Exception) -> None:
+    message = f"{what} is unreachable: {error}"
+    if backends_required():
+        pytest.fail(message + " (required in CI)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the `test` database, dropped afterwards."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        connection = psycopg.connect(POSTGRES_URL, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as exc:
+        _unreachable("PostgreSQL", exc)
+        raise
+    with connection:
+        connection.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+        finally:
+            connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+    else:
+        yield request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        _unreachable("Redis", exc)
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
+    """All five services as real processes on SQLite, shared by a test session."""
+    async with start_suite(tmp_path_factory.mktemp("suite")) as running:
+        yield running

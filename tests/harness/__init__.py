@@ -1,0 +1,1 @@
+"""Starts the real services as processes for integration and end-to-end tests."""
