@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos/switchboard -name '*.proto')
 
-.PHONY: up test gen lint typecheck unit bench clean
+.PHONY: up test gen lint typecheck polyglot bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,13 @@ lint: gen
 typecheck: gen
 	$(VENV)/bin/mypy
 
-test: lint typecheck
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+# The Node.js client of tests/polyglot: installed when npm is here (skipped with a message otherwise).
+polyglot:
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/polyglot --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Node.js polyglot test will be skipped"; fi
+
+test: lint typecheck polyglot
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: gen
 	$(PY) -m bench
