@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ConfigT = TypeVar("ConfigT", bound="ServiceConfig")
@@ -29,7 +29,7 @@ class ServiceConfig(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
 
     host: str = "127.0.0.1"
-    port: int = Field(ge=0, le=65535)
+    port: int = 0
     # Where embedded storage and the local trace file live.
     data_dir: Path = Path(".switchboard")
     # SQLAlchemy URL; empty means SQLite under data_dir.
@@ -50,6 +50,15 @@ class ServiceConfig(BaseSettings):
     revocation_poll_seconds: float = Field(default=1.0, gt=0, le=5)
 
     service_name: str = ""  # set by each subclass
+
+    # A validator rather than Field bounds: subclasses override `port`'s default,
+    # which would drop bounds declared on the field here.
+    @field_validator("port")
+    @classmethod
+    def _port_in_range(cls, value: int) -> int:
+        if not 0 <= value <= 65535:
+            raise ValueError("must be a TCP port, 0-65535")
+        return value
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Self:

@@ -1,0 +1,148 @@
+"""The interceptor stack on a real in-process grpc.aio server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.common.auth import TokenVerifier
+from services.common.errors import FieldViolation, InvalidArgument, NotFound
+from services.common.interceptors import principal_of
+from services.common.server import ServiceParts, build_interceptors
+from tests.unit.common.keys import AUDIENCE, ISSUER, Keys, Revocations
+
+SERVICE = "test.Demo"
+
+
+async def fail(request: bytes, context: Any) -> bytes:
+    raise InvalidArgument([FieldViolation("name", "is required")])
+
+
+async def crash(request: bytes, context: Any) -> bytes:
+    raise RuntimeError('File "/srv/app/storage.py", line 3: SELECT * FROM users WHERE password = ...')
+
+
+async def who_am_i(request: bytes, context: Any) -> bytes:
+    return principal_of(context).user_id.encode()
+
+
+async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+    yield b"one"
+    yield b"two"
+    raise NotFound("gone", reason="RUN_NOT_FOUND")
+
+
+async def public(request: bytes, context: Any) -> bytes:
+    return b"hello"
+
+
+def handlers() -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "Crash": grpc.unary_unary_rpc_method_handler(crash),
+            "WhoAmI": grpc.unary_unary_rpc_method_handler(who_am_i),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Public": grpc.unary_unary_rpc_method_handler(public),
+        },
+    )
+
+
+@pytest.fixture
+async def server_and_keys() -> AsyncIterator[tuple[grpc.aio.Channel, Keys, str]]:
+    keys = Keys()
+    kid = keys.add()
+
+    async def ready() -> bool:
+        return True
+
+    parts = ServiceParts(
+        add_to_server=lambda server: [SERVICE],
+        verifier=TokenVerifier(keys, Revocations(), ISSUER, AUDIENCE),
+        check_ready=ready,
+        public_methods=frozenset({f"/{SERVICE}/Public"}),
+    )
+    server = grpc.aio.server(interceptors=build_interceptors(parts))
+    server.add_generic_rpc_handlers((handlers(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield channel, keys, kid
+    await channel.close()
+    await server.stop(None)
+
+
+def auth(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def test_typed_error_becomes_status_with_details(server_and_keys: Any) -> None:
+    channel, keys, kid = server_and_keys
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await channel.unary_unary(f"/{SERVICE}/Fail")(b"", metadata=auth(keys.sign(kid)))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(raised.value)  # type: ignore[arg-type]
+    assert status is not None
+    kinds = {detail.type_url.rsplit(".", 1)[-1] for detail in status.details}
+    assert {"ErrorInfo", "BadRequest"} <= kinds
+
+
+async def test_unexpected_error_is_internal_without_leaking(server_and_keys: Any) -> None:
+    channel, keys, kid = server_and_keys
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await channel.unary_unary(f"/{SERVICE}/Crash")(b"", metadata=auth(keys.sign(kid)))
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert raised.value.details() == "internal error"
+    trailers = str(raised.value.trailing_metadata())
+    for leak in ("SELECT", "/srv/app", "Traceback", "storage.py"):
+        assert leak not in trailers
+
+
+async def test_authentication_hands_the_principal_to_the_method(server_and_keys: Any) -> None:
+    channel, keys, kid = server_and_keys
+    answer = await channel.unary_unary(f"/{SERVICE}/WhoAmI")(b"", metadata=auth(keys.sign(kid, sub="user-7")))
+    assert answer == b"user-7"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ((), "TOKEN_MISSING"),
+        ((("authorization", "Token abc"),), "TOKEN_MALFORMED"),
+        (auth("x.y.z"), "TOKEN_INVALID"),
+    ],
+)
+async def test_missing_or_bad_token_is_unauthenticated(
+    server_and_keys: Any, metadata: Any, reason: str
+) -> None:
+    channel, _, _ = server_and_keys
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await channel.unary_unary(f"/{SERVICE}/WhoAmI")(b"", metadata=metadata)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    status = rpc_status.from_call(raised.value)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == reason
+
+
+async def test_public_method_needs_no_token(server_and_keys: Any) -> None:
+    channel, _, _ = server_and_keys
+    assert await channel.unary_unary(f"/{SERVICE}/Public")(b"") == b"hello"
+
+
+async def test_streaming_error_after_messages_keeps_its_code(server_and_keys: Any) -> None:
+    channel, keys, kid = server_and_keys
+    call = channel.unary_stream(f"/{SERVICE}/Stream")(b"", metadata=auth(keys.sign(kid)))
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for message in call:
+            received.append(message)
+    assert received == [b"one", b"two"]
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
