@@ -74,7 +74,7 @@ async def server_and_keys() -> AsyncIterator[tuple[grpc.aio.Channel, Keys, str]]
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield channel, keys, kid
-    await channel.close()
+    await channel.close(grace=None)
     await server.stop(None)
 
 
