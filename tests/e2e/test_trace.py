@@ -1,0 +1,70 @@
+"""One run is one trace: client, executor, registry, worker and events spans
+share the run's trace id, collected by an OTLP receiver inside the test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from switchboard.events.v1 import event_pb2
+from switchboard.executor.v1 import executor_service_pb2
+
+from tests.harness.clients import executor_stub, struct, subscribe_run
+from tests.harness.otlp_sink import otlp_sink
+from tests.harness.suite import start_suite
+
+SERVICES = {
+    "switchboard-test-client",
+    "switchboard-executor",
+    "switchboard-registry",
+    "switchboard-worker",
+    "switchboard-events",
+}
+
+
+async def test_one_run_is_one_trace_across_every_service(tmp_path: Path) -> None:
+    async with otlp_sink() as (sink, endpoint), start_suite(tmp_path, otlp_endpoint=endpoint) as suite:
+        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "switchboard-test-client"}))
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
+        tracer = provider.get_tracer("switchboard.tests")
+        interceptors = aio_client_interceptors(tracer_provider=provider)
+        executor_channel = grpc.aio.insecure_channel(suite.address["executor"], interceptors=interceptors)
+        events_channel = grpc.aio.insecure_channel(suite.address["events"], interceptors=interceptors)
+        _, token = await suite.create_user("tracy")
+
+        with tracer.start_as_current_span("client.run") as root:
+            response = await executor_stub(suite, executor_channel).StartRun(
+                executor_service_pb2.StartRunRequest(
+                    agent="text-stats", input=struct({"text": "Trace me. Twice."})
+                ),
+                metadata=suite.metadata(token),
+                timeout=15,
+            )
+            run = response.run
+            events = await subscribe_run(suite, token, run.run_id, channel=events_channel)
+        provider.shutdown()
+        trace_id = format(root.get_span_context().trace_id, "032x")
+
+        assert run.trace_id == trace_id
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].type == event_pb2.EVENT_TYPE_RUN_COMPLETED
+        # Each event carries the context of the span that produced it, in this trace.
+        assert {e.trace_context.traceparent.split("-")[1] for e in events} == {trace_id}
+
+        spans = await sink.wait_for(trace_id, SERVICES)
+        assert SERVICES <= {s.service for s in spans}, sorted({s.service for s in spans})
+        by_service = {s.service: s for s in spans}
+        assert by_service["switchboard-worker"].trace_id == trace_id
+        delivered = [
+            s for s in spans if s.service == "switchboard-events" and "switchboard.event.seq" in s.attributes
+        ]
+        assert delivered, "the delivery of the run's events is part of its trace"
+        run_spans = [s for s in spans if s.attributes.get("switchboard.run_id") == run.run_id]
+        assert {s.service for s in run_spans} >= {"switchboard-executor", "switchboard-worker"}
+        await executor_channel.close(grace=None)
+        await events_channel.close(grace=None)

@@ -1,0 +1,89 @@
+"""Small client-side helpers for tests: generated stubs only."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_pb2_grpc
+from switchboard.executor.v1 import executor_service_pb2, executor_service_pb2_grpc, run_pb2
+
+from tests.harness.suite import Suite, metadata
+
+
+def executor_stub(suite: Suite, channel: grpc.aio.Channel | None = None) -> Any:
+    return executor_service_pb2_grpc.ExecutorServiceStub(channel or suite.channel("executor"))
+
+
+def events_stub(suite: Suite, channel: grpc.aio.Channel | None = None) -> Any:
+    return events_service_pb2_grpc.EventsServiceStub(channel or suite.channel("events"))
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    result.update(value)
+    return result
+
+
+async def start_run(
+    suite: Suite, token: str, agent: str = "text-stats", text: str = "One sentence. And another one here."
+) -> run_pb2.Run:
+    response = await executor_stub(suite).StartRun(
+        executor_service_pb2.StartRunRequest(agent=agent, input=struct({"text": text})),
+        metadata=metadata(token),
+        timeout=15,
+    )
+    return response.run
+
+
+async def wait_run(suite: Suite, token: str, run_id: str, seconds: int = 30) -> run_pb2.Run:
+    request = executor_service_pb2.WaitRunRequest(run_id=run_id)
+    request.timeout.seconds = seconds
+    response = await executor_stub(suite).WaitRun(request, metadata=metadata(token), timeout=seconds + 5)
+    return response.run
+
+
+async def subscribe_run(
+    suite: Suite,
+    token: str,
+    run_id: str,
+    timeout: float = 30.0,
+    channel: grpc.aio.Channel | None = None,
+    consumer: str = "",
+    acknowledge: bool = True,
+) -> list[event_pb2.Event]:
+    """Subscribes to one run (from the beginning, or where a durable consumer
+    left off), acknowledges every batch unless told not to, and returns its
+    events once RUN_COMPLETED arrives."""
+    requests: asyncio.Queue[events_service_pb2.SubscribeRequest | None] = asyncio.Queue()
+    opening = events_service_pb2.SubscriptionOpen(run_id=run_id, max_in_flight=50, consumer=consumer)
+    if not consumer:
+        opening.start.from_beginning = True
+    await requests.put(events_service_pb2.SubscribeRequest(open=opening))
+
+    async def outgoing() -> Any:
+        while (item := await requests.get()) is not None:
+            yield item
+
+    call = events_stub(suite, channel).Subscribe(outgoing(), metadata=metadata(token), timeout=timeout)
+    events: list[event_pb2.Event] = []
+    try:
+        async for response in call:
+            if response.WhichOneof("response") != "events":
+                continue
+            batch = [d.event for d in response.events.deliveries if d.WhichOneof("item") == "event"]
+            events.extend(batch)
+            if acknowledge:
+                await requests.put(
+                    events_service_pb2.SubscribeRequest(
+                        ack=events_service_pb2.AckRequest(event_ids=[e.event_id for e in batch])
+                    )
+                )
+            if any(e.type == event_pb2.EVENT_TYPE_RUN_COMPLETED for e in batch):
+                break
+    finally:
+        await requests.put(None)
+        call.cancel()
+    return events
