@@ -201,8 +201,20 @@ async def start_services(processes: Sequence[ServiceProcess], timeout: float = 6
         await asyncio.gather(*(process.wait_serving(timeout) for process in group))
 
 
-async def _main(data_dir: Path) -> int:
-    layout = SuiteLayout(data_dir=data_dir)
+def ports_from_environment() -> dict[str, int]:
+    """DESIGN.md's ports, unless `SWITCHBOARD_<SVC>_PORT` says otherwise."""
+    ports = {}
+    for service, default in DEFAULT_PORTS.items():
+        name = f"SWITCHBOARD_{service.upper()}_PORT"
+        value = os.environ.get(name, str(default))
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise SystemExit(f"invalid configuration: {name}={value!r} is not a TCP port")
+        ports[service] = int(value)
+    return ports
+
+
+async def _main(data_dir: Path, ports: Mapping[str, int]) -> int:
+    layout = SuiteLayout(data_dir=data_dir, ports=ports)
     credentials_path = data_dir / "credentials.json"
     credentials, created = Credentials.load_or_create(credentials_path)
     processes = [
@@ -219,14 +231,15 @@ async def _main(data_dir: Path) -> int:
         print(f"switchboard: {exc}", file=sys.stderr)
         await asyncio.gather(*(p.stop() for p in processes))
         return 1
-    print("\nSwitchboard is up:")
+    print("\nSwitchboard is up:", flush=True)
     for service in sorted(SERVICES, key=lambda s: layout.ports[s]):
         print(f"  {service:<9} {layout.address(service)}")
     print(f"\nStorage: {data_dir}")
     state = "generated" if created else "kept"
     print(f"Admin and service credentials ({state}): {credentials_path} (mode 0600)")
     print(
-        f"Log in as '{credentials.admin_username}' with the password stored there. Ctrl-C stops the suite.\n"
+        f"Log in as '{credentials.admin_username}' with the password stored there. Ctrl-C stops the suite.\n",
+        flush=True,
     )
     await stopping.wait()
     print("\nstopping...")
@@ -236,7 +249,7 @@ async def _main(data_dir: Path) -> int:
 
 def main() -> None:
     data_dir = Path(os.environ.get("SWITCHBOARD_DATA_DIR", ".switchboard")).resolve()
-    raise SystemExit(asyncio.run(_main(data_dir)))
+    raise SystemExit(asyncio.run(_main(data_dir, ports_from_environment())))
 
 
 if __name__ == "__main__":
