@@ -1,0 +1,1 @@
+"""The auth service: users, passwords, API keys, tokens, signing keys and revocations."""
