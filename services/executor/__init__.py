@@ -1,0 +1,1 @@
+"""The executor service: runs, their steps and the event outbox."""

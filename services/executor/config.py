@@ -1,0 +1,66 @@
+"""The executor's configuration, from `SWITCHBOARD_EXECUTOR_*` variables."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.config import ServiceConfig
+
+DAY_SECONDS = 24 * 3600.0
+
+
+class ExecutorConfig(ServiceConfig):
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_EXECUTOR_", frozen=True, extra="ignore")
+
+    service_name: str = "executor"
+    port: int = Field(default=50053, ge=0, le=65535)
+
+    registry_address: str = "127.0.0.1:50052"
+    events_address: str = "127.0.0.1:50054"
+    # The executor's own account (role service), for the registry, the events
+    # service and the agent workers. No default password: auth creates the
+    # account from SWITCHBOARD_AUTH_SERVICE_ACCOUNTS.
+    service_username: str = Field(default="svc-executor", min_length=1)
+    service_password: str = Field(min_length=1)
+
+    # Deadline of a run whose StartRun names no timeout, and the longest allowed.
+    default_run_timeout_seconds: float = Field(default=300.0, gt=0, le=DAY_SECONDS)
+    max_run_timeout_seconds: float = Field(default=DAY_SECONDS, gt=0, le=DAY_SECONDS)
+    # Admission: runs past either limit wait QUEUED.
+    max_active_runs_per_user: int = Field(default=2, ge=1, le=10_000)
+    max_active_runs: int = Field(default=200, ge=1, le=100_000)
+
+    # Agent definitions are cached this long (changes apply within it).
+    agent_cache_seconds: float = Field(default=5.0, ge=0, le=5)
+    # Timeout of one call to the registry.
+    registry_call_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+    # StartRun waits at most this long for RUN_QUEUED to reach the events
+    # service, so a client that subscribes right after finds the run.
+    publish_wait_seconds: float = Field(default=1.0, ge=0, le=10)
+    # Outbox relay: rows per Publish, periodic sweep, backoff while events is down.
+    outbox_batch_size: int = Field(default=200, ge=1, le=500)
+    outbox_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    outbox_initial_backoff_seconds: float = Field(default=0.2, gt=0, le=60)
+    outbox_max_backoff_seconds: float = Field(default=5.0, gt=0, le=300)
+    publish_call_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+    # WaitRun with no timeout and no call deadline waits this long.
+    wait_run_default_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Self:
+        if self.default_run_timeout_seconds > self.max_run_timeout_seconds:
+            raise ValueError(
+                "SWITCHBOARD_EXECUTOR_DEFAULT_RUN_TIMEOUT_SECONDS must not exceed "
+                "SWITCHBOARD_EXECUTOR_MAX_RUN_TIMEOUT_SECONDS"
+            )
+        if self.outbox_initial_backoff_seconds > self.outbox_max_backoff_seconds:
+            raise ValueError(
+                "SWITCHBOARD_EXECUTOR_OUTBOX_INITIAL_BACKOFF_SECONDS must not exceed "
+                "SWITCHBOARD_EXECUTOR_OUTBOX_MAX_BACKOFF_SECONDS"
+            )
+        return self

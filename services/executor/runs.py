@@ -1,0 +1,297 @@
+"""The executor's use cases: start, read, list, cancel and wait for runs, and
+recover them after a restart. Callers are identified by their verified
+principal; a run is visible only to its owner (anyone else gets the same
+NOT_FOUND as for a run that does not exist, admins included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from opentelemetry import trace
+
+from services.common.convert import utcnow
+from services.common.errors import NotFound
+from services.common.tracing import (
+    ATTR_AGENT,
+    ATTR_RUN_ID,
+    ATTR_USER_ID,
+    context_from_carrier,
+    current_trace_carrier,
+    trace_id_hex,
+)
+from services.executor.domain import (
+    EXECUTOR_ERROR,
+    EXECUTOR_RESTARTED,
+    RUN_CANCELLED,
+    RUN_NOT_FOUND,
+    AgentDirectory,
+    ExecutionContext,
+    ExecutorSettings,
+    PageKey,
+    RunError,
+    RunFilter,
+    RunRecord,
+    RunState,
+    RunStore,
+    deadline_for,
+    end_run,
+    new_run,
+    validate_input,
+)
+from services.executor.journal import RunJournal, RunSignals
+from services.executor.outbox import PublishWatch
+from services.executor.runner import Runner, run_deadline_error
+from services.executor.scheduler import Admission, RunHandle, Scheduler, Ticket
+
+if TYPE_CHECKING:
+    from services.common.auth import Principal
+
+log = logging.getLogger("switchboard.executor")
+
+
+@dataclass(frozen=True, slots=True)
+class StartRunCommand:
+    agent: str
+    input: Mapping[str, Any]
+    thread_id: str = ""
+    request_id: str = ""
+    # None: the configured default.
+    timeout_seconds: float | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+class PublishWatcher(Protocol):
+    def watch(self, event_id: str) -> contextlib.AbstractContextManager[PublishWatch]: ...
+
+
+def run_not_found(run_id: str) -> NotFound:
+    return NotFound(f"run {run_id!r} not found", reason=RUN_NOT_FOUND, metadata={"run_id": run_id})
+
+
+def _ticket(run: RunRecord) -> Ticket:
+    return Ticket(create_time=run.create_time, run_id=run.run_id, user_id=run.user_id, agent=run.agent)
+
+
+class RunService:
+    def __init__(
+        self,
+        *,
+        store: RunStore,
+        journal: RunJournal,
+        signals: RunSignals,
+        agents: AgentDirectory,
+        runner: Runner,
+        admission: Admission,
+        published: PublishWatcher,
+        settings: ExecutorSettings,
+        tracer: trace.Tracer | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._store = store
+        self._journal = journal
+        self._signals = signals
+        self._agents = agents
+        self._runner = runner
+        self._published = published
+        self._settings = settings
+        self._tracer = tracer or trace.get_tracer("switchboard.executor")
+        self._clock = clock
+        self.scheduler = Scheduler(admission, self._execute, on_crash=self._crashed)
+        # Deadlines of queued runs: a run can time out before it ever starts.
+        self._queue_deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._chores: set[asyncio.Task[None]] = set()
+
+    # -- use cases -----------------------------------------------------------
+
+    async def start_run(self, principal: Principal, command: StartRunCommand) -> RunRecord:
+        if command.request_id:
+            existing = await self._store.find_run_by_request(principal.user_id, command.request_id)
+            if existing is not None:
+                return existing
+        agent = await self._agents.get(command.agent)
+        validate_input(agent.input_schema, command.input)
+        now = self._clock()
+        context = ExecutionContext.for_new_run(
+            principal,
+            thread_id=command.thread_id,
+            request_id=command.request_id,
+            deadline=deadline_for(now, command.timeout_seconds, self._settings),
+            trace_carrier=current_trace_carrier(),
+        )
+        run, queued = new_run(
+            context,
+            agent=agent.name,
+            input=command.input,
+            labels=command.labels,
+            now=now,
+            trace_id=trace_id_hex(),
+        )
+        trace.get_current_span().set_attributes({ATTR_RUN_ID: run.run_id, ATTR_AGENT: run.agent})
+        with self._published.watch(queued.event_id) as published:
+            stored, created = await self._store.create_run(run, [queued])
+            if not created:
+                return stored  # a concurrent StartRun with the same request_id won
+            self._journal.created(stored.run_id)
+            self._admit(stored)
+            # A client that subscribes right after StartRun must find the run
+            # in the events service; if that is down, answer anyway.
+            await published.wait(self._settings.publish_wait_seconds)
+        return await self._store.get_run(stored.run_id) or stored
+
+    async def get_run(self, principal: Principal, run_id: str) -> RunRecord:
+        run = await self._store.get_run(run_id)
+        if run is None or run.user_id != principal.user_id:
+            raise run_not_found(run_id)
+        return run
+
+    async def list_runs(
+        self, principal: Principal, run_filter: RunFilter, page_size: int, after: PageKey | None
+    ) -> tuple[list[RunRecord], PageKey | None]:
+        rows = await self._store.list_runs(principal.user_id, run_filter, page_size + 1, after)
+        page = rows[:page_size]
+        if len(rows) > page_size and page:
+            return page, (page[-1].create_time.isoformat(), page[-1].run_id)
+        return page, None
+
+    async def cancel_run(self, principal: Principal, run_id: str, reason: str) -> RunRecord:
+        """Cancels an unfinished run (a finished one is returned as it is)."""
+        run = await self.get_run(principal, run_id)
+        if run.state.terminal:
+            return run
+        error = RunError("CANCELLED", RUN_CANCELLED, reason or "the run was cancelled by its owner")
+        with self._in_run_trace("executor.cancel", run):
+            now, carrier = self._clock(), current_trace_carrier()
+            outcome = await self._journal.apply(
+                run_id, lambda r: end_run(r, RunState.CANCELLED, error, now, carrier)
+            )
+        # The state is written first: the worker call is stopped after, and
+        # whatever it still reports is refused by the state machine.
+        self._disarm(run_id)
+        self.scheduler.cancel(run_id)
+        return outcome[0] if outcome is not None else run
+
+    async def wait_run(self, principal: Principal, run_id: str, timeout: float) -> tuple[RunRecord, bool]:
+        """The run once it ends, or as it is when `timeout` passes; (run, done)."""
+        give_up = time.monotonic() + timeout
+        while True:
+            with self._signals.watch(run_id) as changed:
+                run = await self.get_run(principal, run_id)
+                if run.state.terminal:
+                    return run, True
+                remaining = give_up - time.monotonic()
+                if remaining <= 0:
+                    return run, False
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def recover(self) -> int:
+        """At start-up, before serving: runs a previous process left RUNNING
+        are failed (EXECUTOR_RESTARTED), never left RUNNING. Returns how many."""
+        stranded = await self._store.runs_in_state(RunState.RUNNING)
+        error = RunError(
+            "ABORTED", EXECUTOR_RESTARTED, "the executor restarted while the run was in progress"
+        )
+        for run in stranded:
+            with self._in_run_trace("executor.recover", run):
+                now, carrier = self._clock(), current_trace_carrier()
+                await self._journal.apply(
+                    run.run_id,
+                    functools.partial(end_run, state=RunState.FAILED, error=error, now=now, carrier=carrier),
+                )
+        if stranded:
+            log.warning("failed runs interrupted by a restart", extra={"runs": len(stranded)})
+        return len(stranded)
+
+    async def resume_queued(self) -> int:
+        """Queues the runs that were waiting when the previous process stopped."""
+        queued = await self._store.runs_in_state(RunState.QUEUED)
+        for run in queued:
+            self._admit(run)
+        return len(queued)
+
+    async def stop(self) -> None:
+        for timer in self._queue_deadlines.values():
+            timer.cancel()
+        self._queue_deadlines.clear()
+        await self.scheduler.stop()
+        for chore in list(self._chores):
+            chore.cancel()
+        await asyncio.gather(*self._chores, return_exceptions=True)
+
+    # -- internals -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _in_run_trace(self, name: str, run: RunRecord) -> Iterator[trace.Span]:
+        """A span in the run's own trace, linked to the span of whoever acted."""
+        caller = trace.get_current_span().get_span_context()
+        with self._tracer.start_as_current_span(
+            name,
+            context=context_from_carrier(dict(run.trace_carrier)),
+            links=[trace.Link(caller)] if caller.is_valid else [],
+            attributes={ATTR_RUN_ID: run.run_id, ATTR_AGENT: run.agent, ATTR_USER_ID: run.user_id},
+        ) as span:
+            yield span
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coroutine, name=name)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    def _admit(self, run: RunRecord) -> None:
+        delay = max(0.0, (run.deadline - self._clock()).total_seconds())
+        if run.run_id not in self._queue_deadlines:
+            self._queue_deadlines[run.run_id] = asyncio.get_running_loop().call_later(
+                delay, lambda: self._spawn(self._expire_queued(run.run_id), f"expire-{run.run_id}")
+            )
+        self.scheduler.submit(_ticket(run))
+
+    def _disarm(self, run_id: str) -> None:
+        timer = self._queue_deadlines.pop(run_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    async def _expire_queued(self, run_id: str) -> None:
+        self._queue_deadlines.pop(run_id, None)
+        run = await self._store.get_run(run_id)
+        if run is None or run.state is not RunState.QUEUED:
+            return
+        with self._in_run_trace("executor.expire", run):
+            now, carrier = self._clock(), current_trace_carrier()
+            error = run_deadline_error()
+            await self._journal.apply(
+                run_id,
+                lambda r: (
+                    end_run(r, RunState.TIMED_OUT, error, now, carrier)
+                    if r.state is RunState.QUEUED
+                    else None
+                ),
+            )
+        self.scheduler.cancel(run_id)
+
+    async def _execute(self, ticket: Ticket, handle: RunHandle) -> None:
+        self._disarm(ticket.run_id)  # from here on the runner enforces the deadline
+        await self._runner.execute(ticket, handle)
+
+    async def _crashed(self, ticket: Ticket, error: BaseException) -> None:
+        # A bug must not leave the run RUNNING until the next restart.
+        run = await self._store.get_run(ticket.run_id)
+        if run is None or run.state.terminal:
+            return
+        failure = RunError("INTERNAL", EXECUTOR_ERROR, "the executor failed while running the run")
+        with self._in_run_trace("executor.crash", run):
+            now, carrier = self._clock(), current_trace_carrier()
+            await self._journal.apply(
+                ticket.run_id, lambda r: end_run(r, RunState.FAILED, failure, now, carrier)
+            )
