@@ -3,6 +3,7 @@ share the run's trace id, collected by an OTLP receiver inside the test."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -10,7 +11,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from switchboard.events.v1 import event_pb2
 from switchboard.executor.v1 import executor_service_pb2
 
@@ -30,7 +31,8 @@ SERVICES = {
 async def test_one_run_is_one_trace_across_every_service(tmp_path: Path) -> None:
     async with otlp_sink() as (sink, endpoint), start_suite(tmp_path, otlp_endpoint=endpoint) as suite:
         provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "switchboard-test-client"}))
-        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
+        # Exported from the processor's own thread: the sink is served by this test's event loop.
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
         tracer = provider.get_tracer("switchboard.tests")
         interceptors = aio_client_interceptors(tracer_provider=provider)
         executor_channel = grpc.aio.insecure_channel(suite.address["executor"], interceptors=interceptors)
@@ -47,7 +49,7 @@ async def test_one_run_is_one_trace_across_every_service(tmp_path: Path) -> None
             )
             run = response.run
             events = await subscribe_run(suite, token, run.run_id, channel=events_channel)
-        provider.shutdown()
+        await asyncio.to_thread(provider.shutdown)
         trace_id = format(root.get_span_context().trace_id, "032x")
 
         assert run.trace_id == trace_id

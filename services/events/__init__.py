@@ -1,0 +1,1 @@
+"""The events service: the durable, per-user, acknowledged event log."""
