@@ -4,7 +4,7 @@ its spans here, so a test can check a trace across processes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -63,15 +63,16 @@ class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
     def in_trace(self, trace_id: str) -> list[ReceivedSpan]:
         return [s for s in self.spans if s.trace_id == trace_id or trace_id in s.links]
 
-    async def wait_for(self, trace_id: str, services: set[str], timeout: float = 20.0) -> list[ReceivedSpan]:
-        """Spans of `trace_id` once every one of `services` has exported some."""
-
-        def complete() -> bool:
-            return services <= {s.service for s in self.in_trace(trace_id)}
+    async def wait_for(
+        self, trace_id: str, complete: Callable[[list[ReceivedSpan]], bool], timeout: float = 20.0
+    ) -> list[ReceivedSpan]:
+        """Spans of `trace_id` once `complete` holds for them (or the timeout passes)."""
 
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait_for(complete), timeout)
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: complete(self.in_trace(trace_id))), timeout
+                )
             except TimeoutError:
                 pass
         return self.in_trace(trace_id)
