@@ -57,6 +57,9 @@ class ServiceParts:
     # Run after the server has started, and after it has stopped, in order.
     on_start: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run when shutdown begins, before the grace period: end long-lived streams
+    # (subscriptions, long polls) so that they do not hold the grace period.
+    on_stopping: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 @dataclass
@@ -160,6 +163,8 @@ async def serve(
     with contextlib.suppress(asyncio.CancelledError):
         await readiness
     await health_servicer.enter_graceful_shutdown()
+    for hook in parts.on_stopping:
+        await hook()
     await server.stop(config.shutdown_grace_seconds)
     for hook in parts.on_stop:
         await hook()
