@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 
 from services.common.auth import Principal, TokenVerifier, bearer_token
 from services.common.errors import SwitchboardError, Unauthenticated, internal_status
@@ -83,6 +84,90 @@ def _is_async_generator(behavior: Behavior, streaming: bool) -> bool:
     return streaming and inspect.isasyncgenfunction(behavior)
 
 
+def _status_code(context: Any, exc: BaseException | None) -> grpc.StatusCode:
+    if exc is None:
+        return grpc.StatusCode.OK
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    code = context.code() if hasattr(context, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+class TracingInterceptor(_WrappingInterceptor):
+    """A SERVER span per RPC, child of the caller's W3C context (from metadata),
+    with OpenTelemetry's `rpc.*` attributes. Health checks are not traced.
+
+    Response streams make the span current only while the method computes each
+    message, never across a `yield`: a context left attached across a yield
+    cannot be detached when the client cancels mid-stream (the stock
+    interceptor's "Failed to detach context" errors)."""
+
+    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+        self._tracer = trace.get_tracer("switchboard.rpc", tracer_provider=tracer_provider)
+
+    def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
+        if method.startswith("/grpc.health.v1.Health/"):
+            return behavior
+        service, _, name = method.lstrip("/").partition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        tracer = self._tracer
+
+        def start(context: Any) -> trace.Span:
+            carrier = {
+                key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
+            }
+            return tracer.start_span(
+                method.lstrip("/"),
+                context=propagate.extract(carrier),
+                kind=trace.SpanKind.SERVER,
+                attributes=attributes,
+            )
+
+        def finish(span: trace.Span, context: Any, exc: BaseException | None) -> None:
+            code = _status_code(context, exc)
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code is not grpc.StatusCode.OK:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+            span.end()
+
+        if _is_async_generator(behavior, streaming):
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                span, failure = start(context), None
+                messages = behavior(request, context)
+                try:
+                    while True:
+                        token = otel_context.attach(trace.set_span_in_context(span))
+                        try:
+                            item = await messages.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        finally:
+                            otel_context.detach(token)
+                        yield item
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    await messages.aclose()
+                    finish(span, context, failure)
+
+            return stream
+
+        async def unary(request: Any, context: Any) -> Any:
+            span, failure = start(context), None
+            try:
+                with trace.use_span(span, end_on_exit=False):
+                    return await behavior(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                finish(span, context, failure)
+
+        return unary
+
+
 class AccessLogInterceptor(_WrappingInterceptor):
     """One structured line per RPC: method, status code, duration."""
 
@@ -101,12 +186,7 @@ class AccessLogInterceptor(_WrappingInterceptor):
             )
 
         def code_of(context: Any, exc: BaseException | None) -> str:
-            if exc is None:
-                return "OK"
-            if isinstance(exc, asyncio.CancelledError):
-                return "CANCELLED"
-            code = context.code() if hasattr(context, "code") else None
-            return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            return _status_code(context, exc).name
 
         if _is_async_generator(behavior, streaming):
 

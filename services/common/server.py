@@ -21,7 +21,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from switchboard.auth.v1 import auth_service_pb2_grpc
@@ -34,6 +33,7 @@ from services.common.interceptors import (
     AccessLogInterceptor,
     AuthenticationInterceptor,
     ErrorMappingInterceptor,
+    TracingInterceptor,
 )
 from services.common.logs import configure_logging
 from services.common.tracing import setup_tracing
@@ -105,9 +105,9 @@ async def database_ready(engine: AsyncEngine) -> bool:
 
 
 def build_interceptors(parts: ServiceParts) -> list[grpc.aio.ServerInterceptor]:
-    # Outermost first. Health checks are not traced.
+    # Outermost first.
     return [
-        aio_server_interceptor(filter_=filters.negate(filters.health_check())),
+        TracingInterceptor(),
         AccessLogInterceptor(),
         ErrorMappingInterceptor(),
         AuthenticationInterceptor(parts.verifier, parts.public_methods),

@@ -146,3 +146,52 @@ async def test_streaming_error_after_messages_keeps_its_code(server_and_keys: An
             received.append(message)
     assert received == [b"one", b"two"]
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_tracing_interceptor_continues_the_callers_trace_and_records_codes() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.common.interceptors import (
+        AuthenticationInterceptor,
+        ErrorMappingInterceptor,
+        TracingInterceptor,
+    )
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    keys = Keys()
+    kid = keys.add()
+    verifier = TokenVerifier(keys, Revocations(), ISSUER, AUDIENCE)
+    server = grpc.aio.server(
+        interceptors=[
+            TracingInterceptor(provider),
+            ErrorMappingInterceptor(),
+            AuthenticationInterceptor(verifier, frozenset({f"/{SERVICE}/Public"})),
+        ]
+    )
+    server.add_generic_rpc_handlers((handlers(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        assert await channel.unary_unary(f"/{SERVICE}/Public")(b"", metadata=parent) == b"hello"
+        with pytest.raises(grpc.aio.AioRpcError):
+            await channel.unary_unary(f"/{SERVICE}/Fail")(b"", metadata=parent + auth(keys.sign(kid)))
+        call = channel.unary_stream(f"/{SERVICE}/Stream")(b"", metadata=parent + auth(keys.sign(kid)))
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in call:
+                pass
+    await server.stop(None)
+
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    for name, code in (("Public", 0), ("Fail", 3), ("Stream", 5)):
+        span = spans[f"{SERVICE}/{name}"]
+        assert format(span.context.trace_id, "032x") == trace_id
+        assert span.parent is not None and format(span.parent.span_id, "016x") == "00f067aa0ba902b7"
+        assert span.attributes is not None
+        assert span.attributes["rpc.grpc.status_code"] == code
+        assert span.attributes["rpc.method"] == name
