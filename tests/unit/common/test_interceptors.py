@@ -177,7 +177,8 @@ async def test_tracing_interceptor_continues_the_callers_trace_and_records_codes
     await server.start()
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     parent = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as typed_channel:
+        channel: Any = typed_channel  # raw bytes in and out: no serializers
         assert await channel.unary_unary(f"/{SERVICE}/Public")(b"", metadata=parent) == b"hello"
         with pytest.raises(grpc.aio.AioRpcError):
             await channel.unary_unary(f"/{SERVICE}/Fail")(b"", metadata=parent + auth(keys.sign(kid)))
