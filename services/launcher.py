@@ -9,8 +9,6 @@ finish, streams end). The test harness starts services through the same code.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import json
 import os
 import secrets
@@ -24,6 +22,8 @@ from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.server import SUPERVISOR_PID_VARIABLE
 
 # Start order matters only for auth: everything else verifies tokens against it.
 SERVICES: tuple[str, ...] = ("auth", "registry", "events", "worker", "executor")
@@ -123,12 +123,6 @@ def service_environment(
     return env
 
 
-def _die_with_parent() -> None:
-    # A service must not outlive the launcher (or a test run) that started it.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class ServiceProcess:
     """One service as a child process: start, wait until SERVING, stop, kill."""
 
@@ -137,7 +131,10 @@ class ServiceProcess:
     ) -> None:
         self.service = service
         self.address = address
-        self.env = dict(env)
+        # The child stops when this process dies (services.common.server.follow_supervisor).
+        # Said through the environment, not a preexec_fn: forking a process that
+        # runs gRPC threads can abort the child before it execs.
+        self.env = {**env, SUPERVISOR_PID_VARIABLE: str(os.getpid())}
         self._log = log
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -147,7 +144,6 @@ class ServiceProcess:
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT if self._log is not None else None,
-            preexec_fn=_die_with_parent,
         )
 
     @property

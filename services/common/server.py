@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,21 @@ from services.common.tracing import setup_tracing
 log = logging.getLogger("switchboard.server")
 
 READINESS_POLL_SECONDS = 0.2
+# Set by the launcher (and the test harness) to the pid that supervises us.
+SUPERVISOR_PID_VARIABLE = "SWITCHBOARD_SUPERVISOR_PID"
+
+
+def follow_supervisor() -> None:
+    """Stop (SIGTERM, handled gracefully) when the supervising process dies, so a
+    killed launcher or test run never leaves services behind."""
+    supervisor = os.environ.get(SUPERVISOR_PID_VARIABLE, "")
+    if not supervisor.isdigit():
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(supervisor):
+        # The supervisor died before the death signal was armed.
+        raise SystemExit(0)
 
 
 @dataclass
@@ -174,6 +191,7 @@ async def serve(
 
 def run(config: ServiceConfig, build: Callable[[Runtime], Awaitable[ServiceParts]]) -> None:
     """The entry point of every service process."""
+    follow_supervisor()
     configure_logging(config.service_name, config.log_level)
     provider = setup_tracing(config.service_name, config.trace_file)
     try:
