@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos/switchboard -name '*.proto')
 
-.PHONY: up test gen lint typecheck polyglot bench clean
+.PHONY: up test gen lint typecheck polyglot clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,6 @@ polyglot:
 
 test: lint typecheck polyglot
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
-
-bench: gen
-	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) gen protos/.deps .pytest_cache .mypy_cache .ruff_cache

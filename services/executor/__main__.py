@@ -4,6 +4,7 @@ and the servicer; owns no logic."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,7 @@ from services.common.channels import ServiceCredentials
 from services.common.config import load_config
 from services.common.db import create_engine, migrate
 from services.common.server import Runtime, ServiceParts, database_ready, run
+from services.executor.breaker import BreakerRegistry, BreakerSettings, BreakerState
 from services.executor.clients import CachedAgents, GrpcEventPublisher, GrpcWorkers, RegistryAgents
 from services.executor.config import ExecutorConfig
 from services.executor.domain import ExecutorSettings
@@ -28,6 +30,8 @@ from services.executor.storage import SqlRunStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
+log = logging.getLogger("switchboard.executor.breaker")
+
 
 def settings_of(config: ExecutorConfig) -> ExecutorSettings:
     return ExecutorSettings(
@@ -35,6 +39,23 @@ def settings_of(config: ExecutorConfig) -> ExecutorSettings:
         max_run_timeout_seconds=config.max_run_timeout_seconds,
         publish_wait_seconds=config.publish_wait_seconds,
         wait_run_default_seconds=config.wait_run_default_seconds,
+        max_queued_runs_per_user=config.max_queued_runs_per_user,
+        queue_full_retry_after_seconds=config.queue_full_retry_after_seconds,
+    )
+
+
+def breakers_of(config: ExecutorConfig) -> BreakerRegistry:
+    def report(endpoint: str, old: BreakerState, new: BreakerState) -> None:
+        log.warning("circuit breaker changed state", extra={"endpoint": endpoint, "from": old, "to": new})
+
+    return BreakerRegistry(
+        BreakerSettings(
+            failure_threshold=config.breaker_failure_threshold,
+            reset_timeout_seconds=config.breaker_reset_timeout_seconds,
+            half_open_max_calls=config.breaker_half_open_max_calls,
+            success_threshold=config.breaker_success_threshold,
+        ),
+        on_transition=report,
     )
 
 
@@ -68,10 +89,18 @@ async def build(runtime: Runtime) -> ServiceParts:
         journal=journal,
         signals=signals,
         agents=agents,
-        runner=Runner(store, journal, agents, GrpcWorkers(runtime.channels, credentials)),
+        runner=Runner(
+            store,
+            journal,
+            agents,
+            GrpcWorkers(runtime.channels, credentials),
+            breakers=breakers_of(config),
+            compensation_timeout_seconds=config.compensation_timeout_seconds,
+        ),
         admission=Admission(config.max_active_runs, config.max_active_runs_per_user),
         published=relay,
         settings=settings_of(config),
+        admission_poll_seconds=config.admission_poll_seconds,
     )
     # Before serving: nothing may start while runs of the previous process are
     # still marked RUNNING.

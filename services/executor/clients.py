@@ -7,6 +7,7 @@ never a user's; the channel interceptors add the client spans.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ from switchboard.registry.v1 import agent_pb2, registry_service_pb2, registry_se
 
 from services.common import convert
 from services.common.channels import ServiceChannels
-from services.common.errors import NotFound, Unavailable
+from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.executor.domain import (
     AGENT_ERROR,
     AGENT_NOT_FOUND,
@@ -42,6 +43,9 @@ from services.executor.domain import (
     WorkerUpdate,
 )
 from services.executor.outbox import PublishFailed
+from services.executor.retry import RetrySettings
+
+log = logging.getLogger("switchboard.executor.clients")
 
 # Registry defaults for unset agent fields (see registry/v1/agent.proto).
 DEFAULT_AGENT_TIMEOUT_SECONDS = 60.0
@@ -73,6 +77,23 @@ def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
     return result
 
 
+def retry_settings_from_proto(policy: agent_pb2.RetryPolicy) -> RetrySettings:
+    """The agent's retry policy (0 fields take the documented defaults). The
+    registry checks policies on write; one it stored that still does not make
+    sense here falls back to the defaults rather than breaking every run."""
+    try:
+        return RetrySettings.from_policy(
+            max_attempts=policy.max_attempts,
+            initial_backoff=convert.seconds(policy.initial_backoff),
+            max_backoff=convert.seconds(policy.max_backoff),
+            backoff_multiplier=policy.backoff_multiplier,
+            non_retryable_reasons=tuple(policy.non_retryable_reasons),
+        )
+    except InvalidArgument:
+        log.warning("unusable retry policy; using the defaults", extra={"policy": str(policy)})
+        return RetrySettings()
+
+
 def agent_spec_from_proto(agent: agent_pb2.Agent) -> AgentSpec:
     timeout = convert.seconds(agent.timeout) if agent.HasField("timeout") else 0.0
     heartbeat = convert.seconds(agent.heartbeat_timeout) if agent.HasField("heartbeat_timeout") else 0.0
@@ -84,6 +105,7 @@ def agent_spec_from_proto(agent: agent_pb2.Agent) -> AgentSpec:
         timeout_seconds=timeout or DEFAULT_AGENT_TIMEOUT_SECONDS,
         heartbeat_timeout_seconds=heartbeat or DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
         max_concurrency=agent.max_concurrency or DEFAULT_MAX_CONCURRENCY,
+        retry=retry_settings_from_proto(agent.retry_policy),
     )
 
 
@@ -121,9 +143,11 @@ class RegistryAgents:
 
 
 class CachedAgents:
-    """Keeps each agent definition for at most `ttl` seconds, so limit and
-    timeout changes in the registry apply within that time. Unknown agents
-    are not cached: one registered a moment later is found at once."""
+    """Keeps each agent definition for at most `ttl` seconds, so limit,
+    timeout and retry policy changes in the registry apply within that time.
+    Unknown agents are not cached: one registered a moment later is found at
+    once. While the registry cannot be reached, the last definition it gave
+    is used (a registry outage must not stop runs of known agents)."""
 
     def __init__(
         self, inner: AgentDirectory, ttl: float, monotonic: Callable[[], float] = time.monotonic
@@ -143,6 +167,13 @@ class CachedAgents:
         except NotFound:
             self._entries.pop(name, None)
             raise
+        except Unavailable:
+            if entry is None:
+                raise
+            log.warning("registry unreachable; using the last known agent definition", extra={"agent": name})
+            # Asked again after another ttl, not on every call meanwhile.
+            self._entries[name] = (now + self._ttl, entry[1])
+            return entry[1]
         if self._ttl > 0:
             self._entries[name] = (now + self._ttl, spec)
         return spec

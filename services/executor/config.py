@@ -32,6 +32,25 @@ class ExecutorConfig(ServiceConfig):
     # Admission: runs past either limit wait QUEUED.
     max_active_runs_per_user: int = Field(default=2, ge=1, le=10_000)
     max_active_runs: int = Field(default=200, ge=1, le=100_000)
+    # Past this many waiting runs of one user, StartRun answers
+    # RESOURCE_EXHAUSTED (USER_QUEUE_FULL), with a RetryInfo of this delay.
+    max_queued_runs_per_user: int = Field(default=1000, ge=1, le=1_000_000)
+    queue_full_retry_after_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Admission also looks at the queue this often, so that a raised
+    # max_concurrency takes effect when nothing else happens.
+    admission_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+
+    # The circuit breaker of each agent endpoint: this many consecutive failed
+    # attempts open it; after the reset timeout, up to `half_open_max_calls`
+    # trial calls go through and `success_threshold` successes close it.
+    breaker_failure_threshold: int = Field(default=5, ge=1, le=1000)
+    breaker_reset_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    breaker_half_open_max_calls: int = Field(default=1, ge=1, le=1000)
+    breaker_success_threshold: int = Field(default=1, ge=1, le=1000)
+
+    # A failed or cancelled workflow's compensations, all together, get this
+    # long (the run's own deadline may already have passed).
+    compensation_timeout_seconds: float = Field(default=60.0, gt=0, le=DAY_SECONDS)
 
     # Agent definitions are cached this long (changes apply within it).
     agent_cache_seconds: float = Field(default=5.0, ge=0, le=5)

@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,6 +24,8 @@ from jsonschema import exceptions as jsonschema_exceptions
 from jsonschema import validators as jsonschema_validators
 
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from services.executor.retry import RetrySettings
+from services.executor.workflow import WorkflowStepSpec, thaw_json
 
 if TYPE_CHECKING:
     from services.common.auth import Principal
@@ -33,7 +35,7 @@ MAIN_STEP = "main"
 # Reasons (ErrorInfo.reason) of the errors this service raises or records.
 AGENT_NOT_FOUND = "AGENT_NOT_FOUND"
 AGENT_SCHEMA_INVALID = "AGENT_SCHEMA_INVALID"
-WORKFLOWS_NOT_IMPLEMENTED = "WORKFLOWS_NOT_IMPLEMENTED"
+USER_QUEUE_FULL = "USER_QUEUE_FULL"
 INPUT_INVALID = "INPUT_INVALID"
 HEARTBEAT_TIMEOUT = "HEARTBEAT_TIMEOUT"
 RUN_DEADLINE_EXCEEDED = "RUN_DEADLINE_EXCEEDED"
@@ -47,6 +49,8 @@ AGENT_ERROR = "AGENT_ERROR"
 REGISTRY_UNAVAILABLE = "REGISTRY_UNAVAILABLE"
 RUN_NOT_FOUND = "RUN_NOT_FOUND"
 INVALID_STATE_TRANSITION = "INVALID_STATE_TRANSITION"
+# A step of a workflow stopped because the workflow is ending (another step failed).
+WORKFLOW_STOPPED = "WORKFLOW_STOPPED"
 
 
 class RunState(enum.StrEnum):
@@ -96,7 +100,10 @@ RUN_TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
 }
 
 STEP_TRANSITIONS: Mapping[StepState, frozenset[StepState]] = {
-    StepState.PENDING: frozenset({StepState.RUNNING, StepState.SKIPPED, StepState.CANCELLED}),
+    # FAILED before any attempt: its agent is gone, or its input cannot be built.
+    StepState.PENDING: frozenset(
+        {StepState.RUNNING, StepState.SKIPPED, StepState.CANCELLED, StepState.FAILED}
+    ),
     StepState.RUNNING: frozenset(
         {
             StepState.SUCCEEDED,
@@ -207,10 +214,12 @@ class ExecutionContext:
             trace_carrier=freeze_carrier(trace_carrier),
         )
 
-    def with_step(self, step_id: str, attempt: int) -> ExecutionContext:
+    def with_step(self, step_id: str, attempt: int, deadline: datetime | None = None) -> ExecutionContext:
+        """The child context of one attempt of a step. `deadline` replaces the
+        run's only for work done after the run's own deadline (compensation)."""
         if attempt < 1:
             raise ValueError("attempts count from 1")
-        return dataclasses.replace(self, step_id=step_id, attempt=attempt)
+        return dataclasses.replace(self, step_id=step_id, attempt=attempt, deadline=deadline or self.deadline)
 
     def remaining_seconds(self, now: datetime) -> float:
         return (self.deadline - now).total_seconds()
@@ -232,6 +241,17 @@ class StepRecord:
     end_time: datetime | None = None
     depends_on: tuple[str, ...] = ()
     compensation_agent: str = ""
+    # A workflow step's own input (see workflow.resolve_step_input); None for
+    # the single step of an agent run, which runs with the run's input.
+    input: Mapping[str, Any] | None = None
+    # 1 for the run's first step to succeed, 2 for the next...; 0 until then.
+    # Compensation undoes steps in reverse of this order.
+    completion: int = 0
+
+    @property
+    def active(self) -> bool:
+        """An attempt is running, or the next one is waiting for its backoff."""
+        return self.state in (StepState.RUNNING, StepState.RETRYING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +275,16 @@ class RunRecord:
     end_time: datetime | None = None
     # Seq of the run's newest event; the next one gets last_seq + 1.
     last_seq: int = 0
+    # Set while a workflow winds down (compensating) before it ends in this
+    # state; `error` already says why.
+    ending: RunState | None = None
+    # The admission tick (fair queue round-robin) when the run left the queue;
+    # 0 while it waits.
+    admission: int = 0
+
+    @property
+    def is_workflow(self) -> bool:
+        return not self.agent
 
     def step(self, step_id: str) -> StepRecord:
         for step in self.steps:
@@ -314,6 +344,7 @@ class StepChange:
     error: RunError | None = None
     start_time: datetime | None = None
     end_time: datetime | None = None
+    completion: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +359,8 @@ class RunChange:
     end_time: datetime | None = None
     steps: tuple[StepChange, ...] = ()
     events: tuple[EventDraft, ...] = ()
+    ending: RunState | None = None
+    admission: int | None = None
 
 
 def _changed_step(step: StepRecord, change: StepChange) -> StepRecord:
@@ -341,6 +374,7 @@ def _changed_step(step: StepRecord, change: StepChange) -> StepRecord:
         error=change.error or step.error,
         start_time=change.start_time or step.start_time,
         end_time=change.end_time or step.end_time,
+        completion=step.completion if change.completion is None else change.completion,
     )
 
 
@@ -362,6 +396,8 @@ def apply_change(run: RunRecord, change: RunChange) -> RunRecord:
         end_time=change.end_time or run.end_time,
         steps=steps,
         last_seq=run.last_seq + len(change.events),
+        ending=change.ending or run.ending,
+        admission=run.admission if change.admission is None else change.admission,
     )
 
 
@@ -456,6 +492,17 @@ def run_state_name(state: RunState) -> str:
     return f"RUN_STATE_{state.value}"
 
 
+def _queued_event(run: RunRecord, context: ExecutionContext, now: datetime) -> EventDraft:
+    return _draft(
+        EventType.RUN_QUEUED,
+        "",
+        run.agent,
+        {"state": run_state_name(RunState.QUEUED), "deadline": context.deadline.isoformat()},
+        now,
+        context.carrier(),
+    )
+
+
 def new_run(
     context: ExecutionContext,
     *,
@@ -481,21 +528,59 @@ def new_run(
         trace_carrier=context.trace_carrier,
         steps=(StepRecord(step_id=MAIN_STEP, agent=agent, state=StepState.PENDING),),
     )
-    queued = _draft(
-        EventType.RUN_QUEUED,
-        "",
-        agent,
-        {"state": run_state_name(RunState.QUEUED), "deadline": context.deadline.isoformat()},
-        now,
-        context.carrier(),
+    return run, _queued_event(run, context, now)
+
+
+def new_workflow_run(
+    context: ExecutionContext,
+    *,
+    steps: Sequence[WorkflowStepSpec],
+    input: Mapping[str, Any],
+    labels: Mapping[str, str],
+    now: datetime,
+    trace_id: str,
+) -> tuple[RunRecord, EventDraft]:
+    """A workflow run as StartRun persists it (after `validate_workflow`):
+    QUEUED, every step pending, no agent of its own."""
+    run = RunRecord(
+        run_id=context.run_id,
+        user_id=context.user_id,
+        agent="",
+        thread_id=context.thread_id,
+        request_id=context.request_id,
+        state=RunState.QUEUED,
+        input=dict(input),
+        labels=dict(labels),
+        create_time=now,
+        deadline=context.deadline,
+        trace_id=trace_id,
+        trace_carrier=context.trace_carrier,
+        steps=tuple(
+            StepRecord(
+                step_id=spec.step_id,
+                agent=spec.agent,
+                state=StepState.PENDING,
+                depends_on=spec.depends_on,
+                compensation_agent=spec.compensation_agent,
+                input=thaw_json(spec.input),
+            )
+            for spec in steps
+        ),
     )
-    return run, queued
+    return run, _queued_event(run, context, now)
+
+
+def admit_run(run: RunRecord, tick: int) -> RunChange | None:
+    """Records that the fair queue let the run in (its user's turn `tick`)."""
+    if run.state is not RunState.QUEUED:
+        return None
+    return RunChange(admission=tick)
 
 
 def begin_attempt(
     run: RunRecord, step_id: str, attempt: int, now: datetime, carrier: Mapping[str, str]
 ) -> RunChange | None:
-    if run.state.terminal:
+    if run.state.terminal or run.ending is not None:
         return None
     step = run.step(step_id)
     check_step_transition(step.state, StepState.RUNNING)
@@ -509,12 +594,34 @@ def begin_attempt(
     )
 
 
+def _compensating(run: RunRecord, step: StepRecord) -> bool:
+    return (
+        run.state is RunState.RUNNING
+        and run.ending is not None
+        and step.state is StepState.SUCCEEDED
+        and bool(step.compensation_agent)
+    )
+
+
 def record_progress(
-    run: RunRecord, step_id: str, attempt: int, update: Progress, now: datetime, carrier: Mapping[str, str]
+    run: RunRecord,
+    step_id: str,
+    attempt: int,
+    update: Progress,
+    now: datetime,
+    carrier: Mapping[str, str],
+    *,
+    compensation: bool = False,
 ) -> RunChange | None:
-    if run.state is not RunState.RUNNING or run.step(step_id).state is not StepState.RUNNING:
-        return None
-    agent = run.step(step_id).agent
+    step = run.step(step_id)
+    if compensation:
+        if not _compensating(run, step):
+            return None
+        agent = step.compensation_agent
+    else:
+        if run.state is not RunState.RUNNING or step.state is not StepState.RUNNING:
+            return None
+        agent = step.agent
     type_: EventType
     payload: dict[str, Any]
     match update:
@@ -529,10 +636,48 @@ def record_progress(
             if error is not None:
                 payload["error"] = error.as_payload()
     payload["attempt"] = attempt
+    if compensation:
+        payload["compensation"] = True
     return RunChange(events=(_draft(type_, step_id, agent, payload, now, carrier),))
 
 
-def complete_with_output(
+def _attempt_in_progress(run: RunRecord, step: StepRecord, attempt: int) -> bool:
+    return run.state is RunState.RUNNING and step.state is StepState.RUNNING and step.attempts == attempt
+
+
+def retry_later(
+    run: RunRecord,
+    step_id: str,
+    attempt: int,
+    error: RunError,
+    delay_seconds: float,
+    now: datetime,
+    carrier: Mapping[str, str],
+) -> RunChange | None:
+    """An attempt failed and the step will try again after `delay_seconds`:
+    the step waits RETRYING with the attempt's error; AGENT_FAILED says so."""
+    step = run.step(step_id)
+    if not _attempt_in_progress(run, step, attempt) or run.ending is not None:
+        return None
+    payload = {"error": error.as_payload(), "attempt": attempt, "retry_in_seconds": round(delay_seconds, 3)}
+    return RunChange(
+        steps=(StepChange(step_id, state=StepState.RETRYING, error=error),),
+        events=(_draft(EventType.AGENT_FAILED, step_id, step.agent, payload, now, carrier),),
+    )
+
+
+def workflow_output(run: RunRecord, outputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A workflow's output: the outputs of its final steps (those no other step
+    depends on), by step id."""
+    needed = {dependency for step in run.steps for dependency in step.depends_on}
+    return {
+        step.step_id: dict(outputs.get(step.step_id) or {})
+        for step in run.steps
+        if step.step_id not in needed
+    }
+
+
+def complete_step(
     run: RunRecord,
     step_id: str,
     attempt: int,
@@ -540,35 +685,55 @@ def complete_with_output(
     now: datetime,
     carrier: Mapping[str, str],
 ) -> RunChange | None:
-    """The single step succeeded, and with it the run (one transaction, so a
-    crash can never leave a succeeded step inside a run that looks unfinished)."""
-    if run.state is not RunState.RUNNING:
+    """The attempt succeeded: the step is SUCCEEDED. When it was the last step
+    to finish, the run succeeds in the same transaction (so a crash can never
+    leave succeeded steps inside a run that looks unfinished). A single-agent
+    run's output is its step's; a workflow's is `workflow_output`."""
+    step = run.step(step_id)
+    if not _attempt_in_progress(run, step, attempt):
         return None
-    agent = run.step(step_id).agent
+    completion = 1 + max((s.completion for s in run.steps), default=0)
+    step_change = StepChange(
+        step_id, state=StepState.SUCCEEDED, output=dict(output), end_time=now, completion=completion
+    )
+    completed = _draft(
+        EventType.AGENT_COMPLETED,
+        step_id,
+        step.agent,
+        {"output": dict(output), "attempt": attempt},
+        now,
+        carrier,
+    )
+    others_done = all(s.state is StepState.SUCCEEDED for s in run.steps if s.step_id != step_id)
+    if run.ending is not None or not others_done:
+        return RunChange(steps=(step_change,), events=(completed,))
+    if run.is_workflow:
+        outputs = {s.step_id: s.output or {} for s in run.steps}
+        outputs[step_id] = output
+        run_output = workflow_output(run, outputs)
+    else:
+        run_output = dict(output)
     return RunChange(
         state=RunState.SUCCEEDED,
-        output=dict(output),
+        output=run_output,
         end_time=now,
-        steps=(StepChange(step_id, state=StepState.SUCCEEDED, output=dict(output), end_time=now),),
+        steps=(step_change,),
         events=(
-            _draft(
-                EventType.AGENT_COMPLETED,
-                step_id,
-                agent,
-                {"output": dict(output), "attempt": attempt},
-                now,
-                carrier,
-            ),
+            completed,
             _draft(
                 EventType.RUN_COMPLETED,
                 "",
                 run.agent,
-                {"state": run_state_name(RunState.SUCCEEDED), "output": dict(output)},
+                {"state": run_state_name(RunState.SUCCEEDED), "output": run_output},
                 now,
                 carrier,
             ),
         ),
     )
+
+
+# The name the single-agent executor used; kept for readers of older code.
+complete_with_output = complete_step
 
 
 _STEP_STATE_WHEN_RUN_ENDS = {
@@ -592,7 +757,7 @@ def end_run(
     step_changes: list[StepChange] = []
     events: list[EventDraft] = []
     for step in run.steps:
-        if step.state in (StepState.RUNNING, StepState.RETRYING):
+        if step.active:
             step_changes.append(
                 StepChange(step.step_id, state=_STEP_STATE_WHEN_RUN_ENDS[state], error=error, end_time=now)
             )
@@ -621,6 +786,264 @@ def end_run(
     return RunChange(state=state, error=error, end_time=now, steps=tuple(step_changes), events=tuple(events))
 
 
+def _skip_pending(run: RunRecord, now: datetime) -> tuple[StepChange, ...]:
+    return tuple(
+        StepChange(s.step_id, state=StepState.SKIPPED, end_time=now)
+        for s in run.steps
+        if s.state is StepState.PENDING
+    )
+
+
+def may_need_compensation(run: RunRecord) -> bool:
+    """Whether ending the run may have to undo steps: a started workflow with
+    a compensation agent on a step that has succeeded or may still succeed."""
+    return (
+        run.is_workflow
+        and run.state is RunState.RUNNING
+        and any(
+            step.compensation_agent and (step.state is StepState.SUCCEEDED or step.active)
+            for step in run.steps
+        )
+    )
+
+
+def stop_run(
+    run: RunRecord, state: RunState, error: RunError, now: datetime, carrier: Mapping[str, str]
+) -> RunChange | None:
+    """Ends the run as `state` (cancelled, timed out, failed) from outside its
+    steps. A run with nothing to undo ends at once (`end_run`); a workflow that
+    may need compensation starts winding down instead: it records how it will
+    end, skips the steps that never started, and the runner stops the running
+    ones, compensates and then ends it (`finish_run`)."""
+    if run.state.terminal or run.ending is not None:
+        return None
+    if not may_need_compensation(run):
+        return end_run(run, state, error, now, carrier)
+    if state not in _STEP_STATE_WHEN_RUN_ENDS:
+        raise ValueError(f"a run does not end {state} with an error")
+    return RunChange(ending=state, error=error, steps=_skip_pending(run, now))
+
+
+def fail_step(
+    run: RunRecord,
+    step_id: str,
+    error: RunError,
+    now: datetime,
+    carrier: Mapping[str, str],
+    *,
+    state: StepState = StepState.FAILED,
+) -> RunChange | None:
+    """The step failed for good (FAILED, or TIMED_OUT by the run's deadline):
+    no attempts left, or a failure no retry can fix (also before any attempt:
+    an unknown agent, an input that cannot be built). A single-agent run ends
+    with it; a workflow starts winding down (`stop_run`), the step's error
+    becoming the run's."""
+    if state not in (StepState.FAILED, StepState.TIMED_OUT):
+        raise ValueError(f"a step does not fail as {state}")
+    step = run.step(step_id)
+    if run.state.terminal or not (step.active or step.state is StepState.PENDING):
+        return None
+    run_state = RunState.TIMED_OUT if state is StepState.TIMED_OUT else RunState.FAILED
+    failed = StepChange(step_id, state=state, error=error, end_time=now)
+    event = _draft(
+        EventType.AGENT_FAILED,
+        step_id,
+        step.agent,
+        {"error": error.as_payload(), "attempt": step.attempts},
+        now,
+        carrier,
+    )
+    if not run.is_workflow:
+        check_run_transition(run.state, run_state)
+        completed = _draft(
+            EventType.RUN_COMPLETED,
+            "",
+            run.agent,
+            {"state": run_state_name(run_state), "error": error.as_payload()},
+            now,
+            carrier,
+        )
+        return RunChange(
+            state=run_state, error=error, end_time=now, steps=(failed,), events=(event, completed)
+        )
+    if run.ending is not None:
+        return RunChange(steps=(failed,), events=(event,))
+    run_error = RunError(error.code, error.reason, f"step {step_id!r} failed: {error.message}")
+    return RunChange(
+        ending=run_state,
+        error=run_error,
+        steps=(failed, *(c for c in _skip_pending(run, now) if c.step_id != step_id)),
+        events=(event,),
+    )
+
+
+def halt_steps(run: RunRecord, now: datetime, carrier: Mapping[str, str]) -> RunChange | None:
+    """While a workflow winds down, after the runner stopped their attempts:
+    the steps still running or waiting to retry end (CANCELLED, or TIMED_OUT
+    past the deadline), each with AGENT_FAILED; pending ones are SKIPPED."""
+    if run.state.terminal or run.ending is None:
+        return None
+    error = run.error or RunError("ABORTED", WORKFLOW_STOPPED, "the workflow is ending")
+    if run.ending is RunState.TIMED_OUT:
+        state = StepState.TIMED_OUT
+    else:
+        state = StepState.CANCELLED
+        if run.ending is RunState.FAILED:
+            error = RunError("CANCELLED", WORKFLOW_STOPPED, f"stopped because {error.message}")
+    changes: list[StepChange] = list(_skip_pending(run, now))
+    events: list[EventDraft] = []
+    for step in run.steps:
+        if step.active:
+            changes.append(StepChange(step.step_id, state=state, error=error, end_time=now))
+            events.append(
+                _draft(
+                    EventType.AGENT_FAILED,
+                    step.step_id,
+                    step.agent,
+                    {"error": error.as_payload(), "attempt": step.attempts},
+                    now,
+                    carrier,
+                )
+            )
+    if not changes:
+        return None
+    return RunChange(steps=tuple(changes), events=tuple(events))
+
+
+def steps_to_compensate(run: RunRecord) -> list[str]:
+    """Succeeded steps with a compensation agent, last completed first."""
+    done = sorted((s for s in run.steps if s.state is StepState.SUCCEEDED), key=lambda s: s.completion)
+    return [s.step_id for s in reversed(done) if s.compensation_agent]
+
+
+def _compensation_event(
+    run: RunRecord,
+    step: StepRecord,
+    type_: EventType,
+    payload: Mapping[str, Any],
+    now: datetime,
+    carrier: Mapping[str, str],
+) -> EventDraft:
+    return _draft(
+        type_, step.step_id, step.compensation_agent, {**payload, "compensation": True}, now, carrier
+    )
+
+
+def begin_compensation(
+    run: RunRecord, step_id: str, attempt: int, now: datetime, carrier: Mapping[str, str]
+) -> RunChange | None:
+    step = run.step(step_id)
+    if not _compensating(run, step):
+        return None
+    return RunChange(
+        events=(_compensation_event(run, step, EventType.AGENT_STARTED, {"attempt": attempt}, now, carrier),)
+    )
+
+
+def retry_compensation_later(
+    run: RunRecord,
+    step_id: str,
+    attempt: int,
+    error: RunError,
+    delay_seconds: float,
+    now: datetime,
+    carrier: Mapping[str, str],
+) -> RunChange | None:
+    step = run.step(step_id)
+    if not _compensating(run, step):
+        return None
+    payload = {"error": error.as_payload(), "attempt": attempt, "retry_in_seconds": round(delay_seconds, 3)}
+    return RunChange(events=(_compensation_event(run, step, EventType.AGENT_FAILED, payload, now, carrier),))
+
+
+def complete_compensation(
+    run: RunRecord,
+    step_id: str,
+    attempt: int,
+    output: Mapping[str, Any],
+    now: datetime,
+    carrier: Mapping[str, str],
+) -> RunChange | None:
+    """The step was undone: COMPENSATED (its own output stays as it was)."""
+    step = run.step(step_id)
+    if not _compensating(run, step):
+        return None
+    payload = {"output": dict(output), "attempt": attempt}
+    return RunChange(
+        steps=(StepChange(step_id, state=StepState.COMPENSATED),),
+        events=(_compensation_event(run, step, EventType.AGENT_COMPLETED, payload, now, carrier),),
+    )
+
+
+def fail_compensation(
+    run: RunRecord, step_id: str, attempt: int, error: RunError, now: datetime, carrier: Mapping[str, str]
+) -> RunChange | None:
+    """The step could not be undone: it stays SUCCEEDED, with the
+    compensation's error on it."""
+    step = run.step(step_id)
+    if not _compensating(run, step):
+        return None
+    recorded = RunError(
+        error.code, error.reason, f"compensation by {step.compensation_agent!r} failed: {error.message}"
+    )
+    payload = {"error": error.as_payload(), "attempt": attempt}
+    return RunChange(
+        steps=(StepChange(step_id, error=recorded),),
+        events=(_compensation_event(run, step, EventType.AGENT_FAILED, payload, now, carrier),),
+    )
+
+
+def finish_run(run: RunRecord, now: datetime, carrier: Mapping[str, str]) -> RunChange | None:
+    """Ends a workflow that wound down, in the state `stop_run`/`fail_step` chose."""
+    if run.state.terminal or run.ending is None:
+        return None
+    error = run.error or RunError("ABORTED", WORKFLOW_STOPPED, "the workflow ended")
+    return end_run(run, run.ending, error, now, carrier)
+
+
+def interrupt_run(
+    run: RunRecord, error: RunError, now: datetime, carrier: Mapping[str, str]
+) -> RunChange | None:
+    """After a crash: attempts that were running when the executor died failed
+    with `error`; their steps wait RETRYING, and the runner decides by the
+    agent's policy whether they get another attempt."""
+    if run.state is not RunState.RUNNING:
+        return None
+    changes: list[StepChange] = []
+    events: list[EventDraft] = []
+    for step in run.steps:
+        if step.state is StepState.RUNNING:
+            changes.append(StepChange(step.step_id, state=StepState.RETRYING, error=error))
+            events.append(
+                _draft(
+                    EventType.AGENT_FAILED,
+                    step.step_id,
+                    step.agent,
+                    {"error": error.as_payload(), "attempt": step.attempts, "interrupted": True},
+                    now,
+                    carrier,
+                )
+            )
+    if not changes:
+        return None
+    return RunChange(steps=tuple(changes), events=tuple(events))
+
+
+# Failures that say the endpoint itself is unwell (it cannot be reached, went
+# silent, broke off, ran out of time, or failed internally) and so count
+# against its circuit breaker. An agent's own answer ("bad input", "the tool
+# said no") says nothing about the endpoint: one user's bad input must not
+# shut an agent off for everyone.
+_ENDPOINT_FAILURE_REASONS = frozenset(
+    {WORKER_UNAVAILABLE, HEARTBEAT_TIMEOUT, WORKER_STREAM_ENDED, ATTEMPT_DEADLINE_EXCEEDED}
+)
+_ENDPOINT_FAILURE_CODES = frozenset({"UNAVAILABLE", "INTERNAL", "DATA_LOSS"})
+
+
+def counts_against_endpoint(error: RunError) -> bool:
+    return error.reason in _ENDPOINT_FAILURE_REASONS or error.code in _ENDPOINT_FAILURE_CODES
+
+
 # ---------------------------------------------------------------------------
 # Agents and input validation.
 
@@ -636,17 +1059,21 @@ class AgentSpec:
     timeout_seconds: float
     heartbeat_timeout_seconds: float
     max_concurrency: int
+    retry: RetrySettings = field(default_factory=RetrySettings)
 
 
-def _field_path(path: Sequence[Any]) -> str:
-    return ".".join(["input", *(str(part) for part in path)])
+def _field_path(path: Sequence[Any], prefix: str) -> str:
+    return ".".join([prefix, *(str(part) for part in path)])
 
 
-def validate_input(schema: Mapping[str, Any], value: Mapping[str, Any]) -> None:
-    """Checks a run's input against its agent's JSON Schema; one violation per
-    failing path, named `input.<path>` (a missing property names itself)."""
+def input_violations(
+    schema: Mapping[str, Any], value: Mapping[str, Any], prefix: str = "input"
+) -> list[FieldViolation]:
+    """The ways `value` does not match the agent's JSON Schema: one violation
+    per failing path, named `<prefix>.<path>` (a missing property names
+    itself). FailedPrecondition when the schema itself is broken."""
     if not schema:
-        return
+        return []
     validator_class = jsonschema_validators.validator_for(schema)
     try:
         validator_class.check_schema(schema)
@@ -661,12 +1088,18 @@ def validate_input(schema: Mapping[str, Any], value: Mapping[str, Any]) -> None:
         if error.validator == "required" and isinstance(error.instance, Mapping):
             for name in error.validator_value:
                 if name not in error.instance:
-                    violations.setdefault(_field_path([*path, name]), "is required")
+                    violations.setdefault(_field_path([*path, name], prefix), "is required")
             continue
-        violations.setdefault(_field_path(path), error.message)
+        violations.setdefault(_field_path(path, prefix), error.message)
+    return [FieldViolation(f, d) for f, d in violations.items()]
+
+
+def validate_input(schema: Mapping[str, Any], value: Mapping[str, Any], prefix: str = "input") -> None:
+    """Checks a run's (or a step's) input against its agent's JSON Schema."""
+    violations = input_violations(schema, value, prefix)
     if violations:
         raise InvalidArgument(
-            [FieldViolation(f, d) for f, d in violations.items()],
+            violations,
             reason=INPUT_INVALID,
             message="the input does not match the agent's input schema",
         )
@@ -716,6 +1149,11 @@ class RunStore(Protocol):
         """Every run in `state`, oldest first."""
         ...
 
+    async def admission_ticks(self) -> tuple[int, dict[str, int]]:
+        """The fair queue's round-robin state: the newest admission tick of
+        all, and each waiting user's newest one (users never admitted are absent)."""
+        ...
+
 
 class AgentDirectory(Protocol):
     async def get(self, name: str) -> AgentSpec:
@@ -748,6 +1186,10 @@ class ExecutorSettings:
     max_run_timeout_seconds: float = 24 * 3600.0
     publish_wait_seconds: float = 1.0
     wait_run_default_seconds: float = 60.0
+    # Past this many QUEUED runs of one user, StartRun answers RESOURCE_EXHAUSTED
+    # (USER_QUEUE_FULL) with this RetryInfo delay.
+    max_queued_runs_per_user: int = 1000
+    queue_full_retry_after_seconds: float = 5.0
 
 
 def deadline_for(now: datetime, timeout_seconds: float | None, settings: ExecutorSettings) -> datetime:

@@ -2,11 +2,16 @@
 recover them after a restart. Callers are identified by their verified
 principal; a run is visible only to its owner (anyone else gets the same
 NOT_FOUND as for a run that does not exist, admins included).
+
+A new run waits QUEUED (a row in the database) until the fair queue admits it
+(`scheduler`); past `max_queued_runs_per_user` waiting runs, StartRun refuses
+with RESOURCE_EXHAUSTED (USER_QUEUE_FULL) and a RetryInfo.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -19,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from opentelemetry import trace
 
 from services.common.convert import utcnow
-from services.common.errors import NotFound
+from services.common.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.common.tracing import (
     ATTR_AGENT,
     ATTR_RUN_ID,
@@ -33,7 +38,9 @@ from services.executor.domain import (
     EXECUTOR_RESTARTED,
     RUN_CANCELLED,
     RUN_NOT_FOUND,
+    USER_QUEUE_FULL,
     AgentDirectory,
+    AgentSpec,
     ExecutionContext,
     ExecutorSettings,
     PageKey,
@@ -44,13 +51,25 @@ from services.executor.domain import (
     RunStore,
     deadline_for,
     end_run,
+    input_violations,
+    interrupt_run,
     new_run,
+    new_workflow_run,
+    stop_run,
     validate_input,
 )
+from services.executor.fair_queue import DEFAULT_AGENT_MAX_CONCURRENCY
 from services.executor.journal import RunJournal, RunSignals
 from services.executor.outbox import PublishWatch
 from services.executor.runner import Runner, run_deadline_error
 from services.executor.scheduler import Admission, RunHandle, Scheduler, Ticket
+from services.executor.workflow import (
+    WORKFLOW_INVALID,
+    InputMappingError,
+    WorkflowStepSpec,
+    resolve_step_input,
+    validate_workflow,
+)
 
 if TYPE_CHECKING:
     from services.common.auth import Principal
@@ -60,8 +79,10 @@ log = logging.getLogger("switchboard.executor")
 
 @dataclass(frozen=True, slots=True)
 class StartRunCommand:
+    # One agent, or (empty agent) the steps of a workflow.
     agent: str
     input: Mapping[str, Any]
+    workflow: tuple[WorkflowStepSpec, ...] = ()
     thread_id: str = ""
     request_id: str = ""
     # None: the configured default.
@@ -95,6 +116,7 @@ class RunService:
         settings: ExecutorSettings,
         tracer: trace.Tracer | None = None,
         clock: Callable[[], datetime] = utcnow,
+        admission_poll_seconds: float = 1.0,
     ) -> None:
         self._store = store
         self._journal = journal
@@ -105,10 +127,20 @@ class RunService:
         self._settings = settings
         self._tracer = tracer or trace.get_tracer("switchboard.executor")
         self._clock = clock
-        self.scheduler = Scheduler(admission, self._execute, on_crash=self._crashed)
+        self.scheduler = Scheduler(
+            admission,
+            self._execute,
+            on_crash=self._crashed,
+            agent_limit=self._agent_limit,
+            poll_seconds=admission_poll_seconds,
+        )
         # Deadlines of queued runs: a run can time out before it ever starts.
         self._queue_deadlines: dict[str, asyncio.TimerHandle] = {}
         self._chores: set[asyncio.Task[None]] = set()
+        # StartRuns of each user between the queue-cap check and the queue.
+        self._starting: collections.Counter[str] = collections.Counter()
+        # Runs that were running when the previous process stopped.
+        self._interrupted: list[RunRecord] = []
 
     # -- use cases -----------------------------------------------------------
 
@@ -117,8 +149,22 @@ class RunService:
             existing = await self._store.find_run_by_request(principal.user_id, command.request_id)
             if existing is not None:
                 return existing
-        agent = await self._agents.get(command.agent)
-        validate_input(agent.input_schema, command.input)
+        # Counted as waiting from the check until StartRun answers, so that
+        # concurrent StartRuns cannot all pass the check. (Once queued, the run
+        # counts twice for a moment: the cap errs on the safe side.)
+        self._check_queue_room(principal.user_id)
+        self._starting[principal.user_id] += 1
+        try:
+            return await self._start(principal, command)
+        finally:
+            self._unreserve(principal.user_id)
+
+    async def _start(self, principal: Principal, command: StartRunCommand) -> RunRecord:
+        if command.workflow:
+            steps = await self._checked_workflow(command)
+        else:
+            agent = await self._agents.get(command.agent)
+            validate_input(agent.input_schema, command.input)
         now = self._clock()
         context = ExecutionContext.for_new_run(
             principal,
@@ -127,14 +173,24 @@ class RunService:
             deadline=deadline_for(now, command.timeout_seconds, self._settings),
             trace_carrier=current_trace_carrier(),
         )
-        run, queued = new_run(
-            context,
-            agent=agent.name,
-            input=command.input,
-            labels=command.labels,
-            now=now,
-            trace_id=trace_id_hex(),
-        )
+        if command.workflow:
+            run, queued = new_workflow_run(
+                context,
+                steps=steps,
+                input=command.input,
+                labels=command.labels,
+                now=now,
+                trace_id=trace_id_hex(),
+            )
+        else:
+            run, queued = new_run(
+                context,
+                agent=agent.name,
+                input=command.input,
+                labels=command.labels,
+                now=now,
+                trace_id=trace_id_hex(),
+            )
         trace.get_current_span().set_attributes({ATTR_RUN_ID: run.run_id, ATTR_AGENT: run.agent})
         with self._published.watch(queued.event_id) as published:
             stored, created = await self._store.create_run(run, [queued])
@@ -146,6 +202,70 @@ class RunService:
             # in the events service; if that is down, answer anyway.
             await published.wait(self._settings.publish_wait_seconds)
         return await self._store.get_run(stored.run_id) or stored
+
+    def _unreserve(self, user_id: str) -> None:
+        self._starting[user_id] -= 1
+        if self._starting[user_id] <= 0:
+            del self._starting[user_id]
+
+    def _check_queue_room(self, user_id: str) -> None:
+        waiting = self.scheduler.admission.queued_count(user_id) + self._starting[user_id]
+        limit = self._settings.max_queued_runs_per_user
+        if waiting >= limit:
+            raise ResourceExhausted(
+                f"you have {waiting} runs waiting, the most allowed; retry once some have started",
+                reason=USER_QUEUE_FULL,
+                metadata={"max_queued_runs": str(limit)},
+                retry_after=self._settings.queue_full_retry_after_seconds,
+            )
+
+    async def _checked_workflow(self, command: StartRunCommand) -> tuple[WorkflowStepSpec, ...]:
+        """The workflow's steps once the graph is valid, every agent is known and
+        every step input that needs no other step's output matches its agent's
+        schema; otherwise one INVALID_ARGUMENT naming every problem."""
+        plan = validate_workflow(command.workflow)
+        names = sorted(
+            {step.agent for step in plan.steps} | {s.compensation_agent for s in plan.steps} - {""}
+        )
+        specs = dict(zip(names, await asyncio.gather(*map(self._agent_or_none, names)), strict=True))
+        problems: list[FieldViolation] = []
+        for index, step in enumerate(plan.steps):
+            where = f"workflow.steps[{index}]"
+            for field_name, name in (("agent", step.agent), ("compensation_agent", step.compensation_agent)):
+                if name and specs[name] is None:
+                    problems.append(
+                        FieldViolation(
+                            f"{where}.{field_name}",
+                            f"step {step.step_id!r}: agent {name!r} is not registered",
+                        )
+                    )
+            spec = specs[step.agent]
+            if spec is None:
+                continue
+            try:
+                # Inputs that take other steps' outputs are checked when the step starts.
+                value = resolve_step_input(command.input, step.input, {})
+            except InputMappingError:
+                continue
+            problems += input_violations(spec.input_schema, value, f"{where}.input")
+        if problems:
+            raise InvalidArgument(problems, reason=WORKFLOW_INVALID)
+        return plan.steps
+
+    async def _agent_or_none(self, name: str) -> AgentSpec | None:
+        try:
+            return await self._agents.get(name)
+        except NotFound:
+            return None
+
+    async def _agent_limit(self, name: str) -> int:
+        """The agent's current max_concurrency, for admission (never raises)."""
+        try:
+            return (await self._agents.get(name)).max_concurrency
+        except (NotFound, Unavailable):
+            # An unknown agent's runs fail as soon as they start; an unreachable
+            # registry gets the documented default until it answers.
+            return DEFAULT_AGENT_MAX_CONCURRENCY
 
     async def get_run(self, principal: Principal, run_id: str) -> RunRecord:
         run = await self._store.get_run(run_id)
@@ -163,7 +283,9 @@ class RunService:
         return page, None
 
     async def cancel_run(self, principal: Principal, run_id: str, reason: str) -> RunRecord:
-        """Cancels an unfinished run (a finished one is returned as it is)."""
+        """Cancels an unfinished run (a finished one is returned as it is). A
+        workflow that may have something to undo answers while it compensates
+        (still RUNNING) and ends CANCELLED after; anything else ends at once."""
         run = await self.get_run(principal, run_id)
         if run.state.terminal:
             return run
@@ -171,12 +293,13 @@ class RunService:
         with self._in_run_trace("executor.cancel", run):
             now, carrier = self._clock(), current_trace_carrier()
             outcome = await self._journal.apply(
-                run_id, lambda r: end_run(r, RunState.CANCELLED, error, now, carrier)
+                run_id, lambda r: stop_run(r, RunState.CANCELLED, error, now, carrier)
             )
-        # The state is written first: the worker call is stopped after, and
-        # whatever it still reports is refused by the state machine.
-        self._disarm(run_id)
-        self.scheduler.cancel(run_id)
+        # The state is written first: the worker calls are stopped after, and
+        # whatever they still report is refused by the state machine.
+        if outcome is not None and outcome[1]:
+            self._disarm(run_id)
+            self.scheduler.cancel(run_id)
         return outcome[0] if outcome is not None else run
 
     async def wait_run(self, principal: Principal, run_id: str, timeout: float) -> tuple[RunRecord, bool]:
@@ -197,28 +320,42 @@ class RunService:
     # -- life cycle ----------------------------------------------------------
 
     async def recover(self) -> int:
-        """At start-up, before serving: runs a previous process left RUNNING
-        are failed (EXECUTOR_RESTARTED), never left RUNNING. Returns how many."""
+        """At start-up, before serving: the attempts a previous process left
+        running failed (EXECUTOR_RESTARTED); their steps wait RETRYING and the
+        runs resume with `resume_queued`, where each agent's retry policy
+        decides whether another attempt follows. None stays RUNNING for good.
+        Returns how many runs were interrupted."""
         stranded = await self._store.runs_in_state(RunState.RUNNING)
         error = RunError(
-            "ABORTED", EXECUTOR_RESTARTED, "the executor restarted while the run was in progress"
+            "ABORTED", EXECUTOR_RESTARTED, "the executor restarted while the attempt was in progress"
         )
+        self._interrupted = []
         for run in stranded:
             with self._in_run_trace("executor.recover", run):
                 now, carrier = self._clock(), current_trace_carrier()
-                await self._journal.apply(
+                outcome = await self._journal.apply(
                     run.run_id,
-                    functools.partial(end_run, state=RunState.FAILED, error=error, now=now, carrier=carrier),
+                    functools.partial(interrupt_run, error=error, now=now, carrier=carrier),
                 )
+            if outcome is not None and not outcome[0].state.terminal:
+                self._interrupted.append(outcome[0])
         if stranded:
-            log.warning("failed runs interrupted by a restart", extra={"runs": len(stranded)})
+            log.warning("resuming runs interrupted by a restart", extra={"runs": len(stranded)})
         return len(stranded)
 
     async def resume_queued(self) -> int:
-        """Queues the runs that were waiting when the previous process stopped."""
+        """Resumes the interrupted runs and queues the runs that were waiting
+        when the previous process stopped, then starts admitting. Returns how
+        many were queued."""
+        newest, per_user = await self._store.admission_ticks()
+        self.scheduler.admission.restore_ticks(newest, per_user)
+        for run in self._interrupted:
+            self.scheduler.resume(_ticket(run))
+        self._interrupted = []
         queued = await self._store.runs_in_state(RunState.QUEUED)
         for run in queued:
             self._admit(run)
+        self.scheduler.start()
         return len(queued)
 
     async def stop(self) -> None:
@@ -270,7 +407,7 @@ class RunService:
         with self._in_run_trace("executor.expire", run):
             now, carrier = self._clock(), current_trace_carrier()
             error = run_deadline_error()
-            await self._journal.apply(
+            outcome = await self._journal.apply(
                 run_id,
                 lambda r: (
                     end_run(r, RunState.TIMED_OUT, error, now, carrier)
@@ -278,11 +415,14 @@ class RunService:
                     else None
                 ),
             )
-        self.scheduler.cancel(run_id)
+        # Only a run that was still waiting: one that started meanwhile is
+        # held to its deadline by the runner.
+        if outcome is not None and outcome[1]:
+            self.scheduler.cancel(run_id)
 
     async def _execute(self, ticket: Ticket, handle: RunHandle) -> None:
         self._disarm(ticket.run_id)  # from here on the runner enforces the deadline
-        await self._runner.execute(ticket, handle)
+        await self._runner.execute(ticket, handle, self.scheduler)
 
     async def _crashed(self, ticket: Ticket, error: BaseException) -> None:
         # A bug must not leave the run RUNNING until the next restart.

@@ -16,14 +16,12 @@ from services.common.auth import Role
 from services.common.errors import (
     FieldViolation,
     InvalidArgument,
-    Unimplemented,
     Violations,
     status_from_code,
 )
 from services.common.interceptors import principal_of
 from services.common.pagination import next_page_token, page_request
 from services.executor.domain import (
-    WORKFLOWS_NOT_IMPLEMENTED,
     ExecutorSettings,
     PageKey,
     RunError,
@@ -33,6 +31,7 @@ from services.executor.domain import (
     StepRecord,
 )
 from services.executor.runs import RunService, StartRunCommand, run_not_found
+from services.executor.workflow import WORKFLOW_INVALID, WorkflowStepSpec, workflow_violations
 
 AGENT_NAME = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
@@ -65,15 +64,16 @@ def start_command(
     request: executor_service_pb2.StartRunRequest, settings: ExecutorSettings
 ) -> StartRunCommand:
     target = request.WhichOneof("target")
-    if target == "workflow":
-        raise Unimplemented(
-            "workflow runs are not implemented yet; start a single agent", reason=WORKFLOWS_NOT_IMPLEMENTED
-        )
     violations = Violations()
+    steps: tuple[WorkflowStepSpec, ...] = ()
+    workflow_problems: list[FieldViolation] = []
     if target is None:
-        violations.add("agent", "is required")
-    elif not AGENT_NAME.fullmatch(request.agent):
+        violations.add("agent", "is required (or a workflow)")
+    elif target == "agent" and not AGENT_NAME.fullmatch(request.agent):
         violations.add("agent", "must match ^[a-z][a-z0-9-]{1,62}$")
+    elif target == "workflow":
+        steps = workflow_steps(request.workflow)
+        workflow_problems = workflow_violations(steps)
     _check_id(violations, "thread_id", request.thread_id)
     _check_id(violations, "request_id", request.request_id)
     timeout: float | None = None
@@ -95,14 +95,38 @@ def start_command(
             )
     if request.input.ByteSize() > MAX_INPUT_BYTES:
         violations.add("input", f"must be at most {MAX_INPUT_BYTES} bytes")
+    if request.workflow.ByteSize() > MAX_INPUT_BYTES:
+        violations.add("workflow", f"must be at most {MAX_INPUT_BYTES} bytes")
+    if workflow_problems:
+        # One answer names every problem; the broken graph decides the reason.
+        others: list[FieldViolation] = []
+        try:
+            violations.raise_if_any()
+        except InvalidArgument as exc:
+            others = exc.violations
+        raise InvalidArgument([*workflow_problems, *others], reason=WORKFLOW_INVALID)
     violations.raise_if_any()
     return StartRunCommand(
         agent=request.agent,
+        workflow=steps,
         input=convert.from_struct(request.input),
         thread_id=request.thread_id,
         request_id=request.request_id,
         timeout_seconds=timeout,
         labels=dict(request.labels),
+    )
+
+
+def workflow_steps(workflow: run_pb2.Workflow) -> tuple[WorkflowStepSpec, ...]:
+    return tuple(
+        WorkflowStepSpec(
+            step_id=step.step_id,
+            agent=step.agent,
+            input=convert.from_struct(step.input),
+            depends_on=tuple(step.depends_on),
+            compensation_agent=step.compensation_agent,
+        )
+        for step in workflow.steps
     )
 
 
@@ -163,6 +187,17 @@ def run_to_proto(run: RunRecord) -> run_pb2.Run:
         deadline=_timestamp(run.deadline),
         trace_id=run.trace_id,
     )
+    if run.is_workflow:
+        message.workflow.steps.extend(
+            run_pb2.WorkflowStep(
+                step_id=step.step_id,
+                agent=step.agent,
+                input=_struct(step.input or {}),
+                depends_on=list(step.depends_on),
+                compensation_agent=step.compensation_agent,
+            )
+            for step in run.steps
+        )
     if run.output is not None:
         message.output.CopyFrom(_struct(run.output))
     if run.error is not None:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     delete,
+    func,
     insert,
     or_,
     select,
@@ -107,6 +108,10 @@ runs = Table(
     Column("trace_id", String(32), nullable=False),
     Column("trace_carrier", JSON, nullable=False),
     Column("last_seq", BigInteger, nullable=False),
+    # The state a winding-down workflow will end in (see domain.stop_run).
+    Column("ending", String(16), nullable=True),
+    # The fair queue's admission tick; 0 while queued.
+    Column("admission", BigInteger, nullable=False, server_default="0"),
     UniqueConstraint("user_id", "request_id", name="uq_runs_user_request"),
     Index("ix_runs_user_created", "user_id", "create_time", "run_id"),
     Index("ix_runs_state_created", "state", "create_time"),
@@ -129,6 +134,8 @@ steps = Table(
     Column("end_time", UtcDateTime, nullable=True),
     Column("depends_on", JSON, nullable=False),
     Column("compensation_agent", String(64), nullable=False),
+    Column("input", JSON(none_as_null=True), nullable=True),
+    Column("completion", Integer, nullable=False, server_default="0"),
 )
 
 outbox = Table(
@@ -183,6 +190,8 @@ def _run_columns(run: RunRecord) -> dict[str, Any]:
         "trace_id": run.trace_id,
         "trace_carrier": dict(run.trace_carrier),
         "last_seq": run.last_seq,
+        "ending": None if run.ending is None else run.ending.value,
+        "admission": run.admission,
     }
 
 
@@ -200,6 +209,8 @@ def _step_columns(run_id: str, position: int, step: StepRecord) -> dict[str, Any
         "end_time": step.end_time,
         "depends_on": list(step.depends_on),
         "compensation_agent": step.compensation_agent,
+        "input": None if step.input is None else dict(step.input),
+        "completion": step.completion,
     }
 
 
@@ -215,6 +226,8 @@ def _step_of(row: Any) -> StepRecord:
         end_time=row.end_time,
         depends_on=tuple(row.depends_on or ()),
         compensation_agent=row.compensation_agent,
+        input=row.input,
+        completion=row.completion or 0,
     )
 
 
@@ -238,6 +251,8 @@ def _run_of(row: Any, run_steps: Sequence[StepRecord]) -> RunRecord:
         start_time=row.start_time,
         end_time=row.end_time,
         last_seq=row.last_seq,
+        ending=None if row.ending is None else RunState(row.ending),
+        admission=row.admission or 0,
     )
 
 
@@ -405,6 +420,18 @@ class SqlRunStore:
         async with self._sessions() as session:
             rows = (await session.execute(query)).all()
             return await self._runs_of(session, rows)
+
+    async def admission_ticks(self) -> tuple[int, dict[str, int]]:
+        waiting = select(runs.c.user_id).where(runs.c.state == RunState.QUEUED.value).distinct()
+        per_user = (
+            select(runs.c.user_id, func.max(runs.c.admission))
+            .where(runs.c.user_id.in_(waiting), runs.c.admission > 0)
+            .group_by(runs.c.user_id)
+        )
+        async with self._sessions() as session:
+            newest = (await session.execute(select(func.max(runs.c.admission)))).scalar()
+            ticks = {row[0]: int(row[1]) for row in (await session.execute(per_user)).all()}
+        return int(newest or 0), ticks
 
     # -- OutboxStore -----------------------------------------------------------
 

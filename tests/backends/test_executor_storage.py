@@ -29,13 +29,18 @@ from services.executor.domain import (
     StepChange,
     StepState,
     Thinking,
+    admit_run,
     begin_attempt,
+    complete_step,
     complete_with_output,
     end_run,
+    fail_step,
     new_run,
+    new_workflow_run,
     record_progress,
 )
 from services.executor.storage import SqlRunStore
+from services.executor.workflow import WorkflowStepSpec
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "executor" / "migrations"
 T0 = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -267,3 +272,67 @@ async def test_errors_are_stored_with_code_reason_and_message(store: SqlRunStore
     loaded = await store.get_run(run.run_id)
     assert loaded is not None and loaded.error == error and loaded.end_time == T0
     assert loaded.step(MAIN_STEP).state is StepState.SKIPPED
+
+
+async def test_a_workflow_round_trips_with_step_inputs_completion_and_winding_down(
+    store: SqlRunStore,
+) -> None:
+    context = ExecutionContext.for_new_run(
+        ALICE, thread_id="", request_id="", deadline=T0 + timedelta(minutes=5), trace_carrier=CARRIER
+    )
+    run, queued = new_workflow_run(
+        context,
+        steps=[
+            WorkflowStepSpec(
+                "a", "echo", input={"n": 1, "deep": {"list": [1, "x"]}}, compensation_agent="undo"
+            ),
+            WorkflowStepSpec("b", "echo", depends_on=("a",), input={"v": "${steps.a.output.n}"}),
+        ],
+        input={"text": "x"},
+        labels={},
+        now=T0,
+        trace_id="a" * 32,
+    )
+    await store.create_run(run, [queued])
+    await store.update_run(run.run_id, lambda r: admit_run(r, 42))
+    await store.update_run(run.run_id, lambda r: begin_attempt(r, "a", 1, T0, CARRIER))
+    await store.update_run(run.run_id, lambda r: complete_step(r, "a", 1, {"n": 1}, T0, CARRIER))
+    await store.update_run(run.run_id, lambda r: begin_attempt(r, "b", 1, T0, CARRIER))
+    failure = RunError("INTERNAL", "BROKEN", "broke")
+    await store.update_run(run.run_id, lambda r: fail_step(r, "b", failure, T0, CARRIER))
+
+    loaded = await store.get_run(run.run_id)
+
+    assert loaded is not None
+    assert (loaded.agent, loaded.admission, loaded.ending) == ("", 42, RunState.FAILED)
+    assert loaded.state is RunState.RUNNING
+    first, second = loaded.steps
+    assert first.input == {"n": 1, "deep": {"list": [1, "x"]}}
+    assert (first.completion, first.compensation_agent, first.state) == (1, "undo", StepState.SUCCEEDED)
+    assert (second.depends_on, second.input, second.state) == (
+        ("a",),
+        {"v": "${steps.a.output.n}"},
+        StepState.FAILED,
+    )
+    assert second.completion == 0
+
+
+async def test_admission_ticks_come_back_for_the_users_still_waiting(store: SqlRunStore) -> None:
+    assert await store.admission_ticks() == (0, {})
+    carol = owner("carol")
+    alices_old, events = make_run(ALICE)
+    await store.create_run(alices_old, events)
+    await store.update_run(alices_old.run_id, lambda r: admit_run(r, 5))
+    alices_waiting, events = make_run(ALICE, offset=1)
+    await store.create_run(alices_waiting, events)
+    bobs, events = make_run(BOB, offset=2)
+    await store.create_run(bobs, events)
+    await store.update_run(bobs.run_id, lambda r: admit_run(r, 9))
+    await store.update_run(bobs.run_id, lambda r: begin_attempt(r, MAIN_STEP, 1, T0, {}))
+    carols, events = make_run(carol, offset=3)
+    await store.create_run(carols, events)
+
+    newest, waiting = await store.admission_ticks()
+
+    # Bob has nothing waiting; Carol was never admitted.
+    assert (newest, waiting) == (9, {ALICE.user_id: 5})

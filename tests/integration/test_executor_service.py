@@ -195,13 +195,16 @@ async def test_bad_requests_are_refused_with_their_reasons(suite: Suite) -> None
     with pytest.raises(grpc.aio.AioRpcError) as workflow:
         await stub.StartRun(
             executor_service_pb2.StartRunRequest(
-                workflow=run_pb2.Workflow(steps=[run_pb2.WorkflowStep(step_id="a", agent="text-stats")])
+                workflow=run_pb2.Workflow(
+                    steps=[run_pb2.WorkflowStep(step_id="a", agent="text-stats", depends_on=["nope"])]
+                )
             ),
             metadata=suite.metadata(token),
             timeout=10,
         )
-    assert workflow.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert reason_of(workflow.value) == "WORKFLOWS_NOT_IMPLEMENTED"
+    assert workflow.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason_of(workflow.value) == "WORKFLOW_INVALID"
+    assert bad_fields(workflow.value) == {"workflow.steps[0].depends_on[0]"}
 
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await start(suite, token, "no-such-agent", {})
@@ -264,34 +267,42 @@ async def test_runs_succeed_while_events_is_down_and_their_events_follow(suite: 
     assert len({e.event_id for e in history}) == len(history)
 
 
-async def test_a_run_cut_off_by_an_executor_crash_is_failed_on_restart(suite: Suite) -> None:
+async def test_a_run_cut_off_by_an_executor_crash_is_retried_after_the_restart(suite: Suite) -> None:
     _, token = await new_user(suite, "heidi")
     started = await start(suite, token, "chaos", {"action": "hang"})
-    async with asyncio.timeout(PATIENCE_SECONDS):
-        while True:
-            run = (
-                await executor(suite).GetRun(
-                    executor_service_pb2.GetRunRequest(run_id=started.run_id),
-                    metadata=suite.metadata(token),
-                    timeout=10,
-                )
-            ).run
-            if run.state == run_pb2.RUN_STATE_RUNNING:
-                break
-            await asyncio.sleep(0.1)
+    await running_attempt(suite, token, started.run_id, 1)
 
     suite.kill("executor")
     await suite.start("executor")
 
-    recovered = (
-        await executor(suite).GetRun(
-            executor_service_pb2.GetRunRequest(run_id=started.run_id),
-            metadata=suite.metadata(token),
-            timeout=10,
-        )
-    ).run
-    assert recovered.state == run_pb2.RUN_STATE_FAILED
+    # The built-in chaos agent allows 3 attempts: the cut-off one was the first.
+    recovered = await running_attempt(suite, token, started.run_id, 2)
+    (step,) = recovered.steps
     info = error_details_pb2.ErrorInfo()
-    assert recovered.error.details[0].Unpack(info) and info.reason == "EXECUTOR_RESTARTED"
+    assert step.error.details[0].Unpack(info) and info.reason == "EXECUTOR_RESTARTED"
+    cancelled = await executor(suite).CancelRun(
+        executor_service_pb2.CancelRunRequest(run_id=started.run_id),
+        metadata=suite.metadata(token),
+        timeout=10,
+    )
+    assert cancelled.run.state == run_pb2.RUN_STATE_CANCELLED
     history = await completed_events(suite, token, started.run_id)
     assert [e.seq for e in history] == list(range(1, len(history) + 1))
+    assert [e.type for e in history].count(event_pb2.EVENT_TYPE_AGENT_STARTED) == 2
+
+
+async def running_attempt(suite: Suite, token: str, run_id: str, attempt: int) -> run_pb2.Run:
+    """The run once its step runs the given attempt."""
+    async with asyncio.timeout(PATIENCE_SECONDS):
+        while True:
+            run = (
+                await executor(suite).GetRun(
+                    executor_service_pb2.GetRunRequest(run_id=run_id),
+                    metadata=suite.metadata(token),
+                    timeout=10,
+                )
+            ).run
+            step = run.steps[0]
+            if step.state == run_pb2.STEP_STATE_RUNNING and step.attempts == attempt:
+                return run
+            await asyncio.sleep(0.1)

@@ -29,6 +29,7 @@ from services.common.channels import ServiceChannels
 from services.common.db import create_engine, migrate
 from services.common.errors import NotFound
 from services.common.interceptors import AuthenticatedContext
+from services.executor.breaker import BreakerRegistry, BreakerSettings
 from services.executor.clients import GrpcWorkers
 from services.executor.domain import (
     AGENT_NOT_FOUND,
@@ -40,6 +41,7 @@ from services.executor.domain import (
 )
 from services.executor.journal import RunJournal, RunSignals
 from services.executor.outbox import OutboxRelay, PublishFailed
+from services.executor.retry import RetrySettings
 from services.executor.runner import Runner
 from services.executor.runs import RunService
 from services.executor.scheduler import Admission
@@ -83,7 +85,8 @@ class ScriptedWorker(agent_worker_pb2_grpc.AgentWorkerServicer):
     """Agents whose behaviour the tests choose by name:
     echo (thinks, calls a tool, returns its input), slow (heartbeats until
     cancelled), silent (says nothing), broken (reports an error), quitter
-    (ends without a result)."""
+    (ends without a result), flaky (fails attempts up to input
+    `fail_attempts` with input `reason`, then returns its attempt and input)."""
 
     def __init__(self) -> None:
         self.requests: list[agent_worker_pb2.ExecuteRequest] = []
@@ -126,6 +129,19 @@ class ScriptedWorker(agent_worker_pb2_grpc.AgentWorkerServicer):
                     )
                 case "quitter":
                     return
+                case "flaky":
+                    values = convert.from_struct(request.input)
+                    if request.context.attempt <= values.get("fail_attempts", 0):
+                        reason = str(values.get("reason", "FLAKY"))
+                        yield agent_worker_pb2.ExecuteUpdate(
+                            error=error_status(grpc.StatusCode.UNKNOWN, "flaked", reason)
+                        )
+                        return
+                    yield agent_worker_pb2.ExecuteUpdate(
+                        result=agent_worker_pb2.Result(
+                            output=convert.struct({"attempt": request.context.attempt, "echo": values})
+                        )
+                    )
         except asyncio.CancelledError:
             self.cancelled[run_id].set()
             raise
@@ -140,6 +156,8 @@ def agent_spec(name: str, endpoint: str, **overrides: Any) -> AgentSpec:
         "timeout_seconds": 60.0,
         "heartbeat_timeout_seconds": 10.0,
         "max_concurrency": 10,
+        # One attempt unless a test asks for retries.
+        "retry": RetrySettings(max_attempts=1),
     }
     values.update(overrides)
     return AgentSpec(**values)
@@ -218,6 +236,7 @@ class Rig:
     exporter: InMemorySpanExporter
     tracer: trace.Tracer
     channels: ServiceChannels
+    runner: Runner
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def wait_for(self, run_id: str, predicate: Callable[[RunRecord], bool]) -> RunRecord:
@@ -271,6 +290,8 @@ async def make_rig(tmp_path: Path, worker_endpoint: tuple[ScriptedWorker, str]) 
         settings: ExecutorSettings | None = None,
         publisher: RecordingPublisher | None = None,
         start: bool = True,
+        breaker: BreakerSettings | None = None,
+        compensation_timeout_seconds: float = 20.0,
     ) -> Rig:
         store = SqlRunStore(create_engine(url))
         tracer, exporter = in_memory_tracer()
@@ -290,23 +311,45 @@ async def make_rig(tmp_path: Path, worker_endpoint: tuple[ScriptedWorker, str]) 
             agents
             if agents is not None
             else {
-                name: agent_spec(name, endpoint) for name in ("echo", "slow", "silent", "broken", "quitter")
+                name: agent_spec(name, endpoint)
+                for name in ("echo", "slow", "silent", "broken", "quitter", "flaky")
             }
         )
         channels = ServiceChannels()
+        runner = Runner(
+            store,
+            journal,
+            directory,
+            GrpcWorkers(channels, NoCredentials()),
+            breakers=BreakerRegistry(breaker or BreakerSettings(failure_threshold=100)),
+            compensation_timeout_seconds=compensation_timeout_seconds,
+            tracer=tracer,
+        )
         runs = RunService(
             store=store,
             journal=journal,
             signals=signals,
             agents=directory,
-            runner=Runner(store, journal, directory, GrpcWorkers(channels, NoCredentials()), tracer=tracer),
+            runner=runner,
             admission=Admission(global_cap, per_user),
             published=relay,
             settings=settings or ExecutorSettings(publish_wait_seconds=1.0),
             tracer=tracer,
+            admission_poll_seconds=0.2,
         )
         rig = Rig(
-            store, runs, relay, publisher, worker, directory, signals, endpoint, exporter, tracer, channels
+            store,
+            runs,
+            relay,
+            publisher,
+            worker,
+            directory,
+            signals,
+            endpoint,
+            exporter,
+            tracer,
+            channels,
+            runner,
         )
         rig.closers = [runs.stop, relay.stop, channels.close, store.close]
         rigs.append(rig)

@@ -29,15 +29,30 @@ from services.executor.domain import (
     ToolStarted,
     apply_change,
     begin_attempt,
+    begin_compensation,
     check_run_transition,
     check_step_transition,
+    complete_compensation,
+    complete_step,
     complete_with_output,
+    counts_against_endpoint,
     end_run,
     events_with_seq,
+    fail_compensation,
+    fail_step,
+    finish_run,
+    halt_steps,
+    interrupt_run,
+    may_need_compensation,
     new_run,
+    new_workflow_run,
     record_progress,
+    retry_later,
+    steps_to_compensate,
+    stop_run,
     validate_input,
 )
+from services.executor.workflow import WorkflowStepSpec
 from tests.unit.executor.conftest import ALICE
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -246,6 +261,160 @@ def test_ending_a_queued_run_skips_its_step() -> None:
 def test_a_run_cannot_end_as_succeeded_with_an_error() -> None:
     with pytest.raises(ValueError):
         end_run(running_run(), RunState.SUCCEEDED, ERROR, NOW, CARRIER)
+
+
+# -- retries, workflows, winding down, recovery ------------------------------------
+
+
+def workflow_run(*specs: WorkflowStepSpec) -> RunRecord:
+    run, queued = new_workflow_run(
+        context(), steps=specs, input={"a": 1}, labels={}, now=NOW, trace_id="t" * 32
+    )
+    return apply_change(run, RunChange(events=(queued,)))
+
+
+def applied(run: RunRecord, change: RunChange | None) -> RunRecord:
+    assert change is not None
+    return apply_change(run, change)
+
+
+def started(run: RunRecord, *step_ids: str) -> RunRecord:
+    for step_id in step_ids:
+        run = applied(run, begin_attempt(run, step_id, run.step(step_id).attempts + 1, NOW, CARRIER))
+    return run
+
+
+def succeeded(run: RunRecord, step_id: str, output: dict[str, object]) -> RunRecord:
+    return applied(run, complete_step(run, step_id, run.step(step_id).attempts, output, NOW, CARRIER))
+
+
+DIAMOND = (
+    WorkflowStepSpec("a", "echo", compensation_agent="undo"),
+    WorkflowStepSpec("b", "echo", depends_on=("a",), compensation_agent="undo"),
+    WorkflowStepSpec("c", "echo", depends_on=("a",)),
+    WorkflowStepSpec("d", "echo", depends_on=("b", "c")),
+)
+
+
+def test_a_failed_attempt_waits_retrying_with_its_error_and_says_when_it_retries() -> None:
+    run = running_run()
+    failure = RunError("UNKNOWN", "FLAKY", "flaked")
+    waiting = applied(run, retry_later(run, MAIN_STEP, 1, failure, 0.25, NOW, CARRIER))
+    step = waiting.step(MAIN_STEP)
+    assert (step.state, step.error, waiting.state) == (StepState.RETRYING, failure, RunState.RUNNING)
+    change = retry_later(run, MAIN_STEP, 1, failure, 0.25, NOW, CARRIER)
+    assert change is not None
+    (event,) = change.events
+    assert event.type is EventType.AGENT_FAILED
+    assert event.payload == {"error": failure.as_payload(), "attempt": 1, "retry_in_seconds": 0.25}
+    # A stale verdict (another attempt number) changes nothing.
+    assert retry_later(run, MAIN_STEP, 2, failure, 0.25, NOW, CARRIER) is None
+    again = applied(waiting, begin_attempt(waiting, MAIN_STEP, 2, NOW, CARRIER))
+    assert (again.step(MAIN_STEP).state, again.step(MAIN_STEP).attempts) == (StepState.RUNNING, 2)
+
+
+def test_a_workflow_succeeds_with_its_last_step_and_outputs_its_final_steps() -> None:
+    run = started(workflow_run(*DIAMOND), "a")
+    run = succeeded(run, "a", {"x": 1})
+    run = started(run, "b", "c")
+    run = succeeded(run, "c", {"c": True})
+    assert run.state is RunState.RUNNING
+    run = succeeded(run, "b", {"b": True})
+    run = started(run, "d")
+    change = complete_step(run, "d", 1, {"d": 4}, NOW, CARRIER)
+    done = applied(run, change)
+    assert done.state is RunState.SUCCEEDED
+    assert done.output == {"d": {"d": 4}}
+    assert [(s.step_id, s.completion) for s in done.steps] == [("a", 1), ("b", 3), ("c", 2), ("d", 4)]
+    assert change is not None and [e.type for e in change.events][-1] is EventType.RUN_COMPLETED
+
+
+def test_a_failed_step_winds_the_workflow_down_and_the_rest_follows() -> None:
+    run = succeeded(started(workflow_run(*DIAMOND), "a"), "a", {"id": 7})
+    run = started(run, "b", "c")
+    run = succeeded(run, "b", {"paid": True})
+    failure = RunError("INTERNAL", "BROKEN", "it broke")
+    failing = applied(run, fail_step(run, "c", failure, NOW, CARRIER))
+    assert failing.state is RunState.RUNNING and failing.ending is RunState.FAILED
+    assert failing.error is not None and failing.error.reason == "BROKEN" and "'c'" in failing.error.message
+    assert {s.step_id: s.state for s in failing.steps} == {
+        "a": StepState.SUCCEEDED,
+        "b": StepState.SUCCEEDED,
+        "c": StepState.FAILED,
+        "d": StepState.SKIPPED,
+    }
+    # No new attempt starts while it winds down; a second failure is only recorded.
+    assert begin_attempt(failing, "d", 1, NOW, CARRIER) is None
+    assert stop_run(failing, RunState.CANCELLED, ERROR, NOW, CARRIER) is None
+    assert steps_to_compensate(failing) == ["b", "a"]
+    for step_id in ("b", "a"):
+        failing = applied(failing, begin_compensation(failing, step_id, 1, NOW, CARRIER))
+        failing = applied(
+            failing, complete_compensation(failing, step_id, 1, {"undone": step_id}, NOW, CARRIER)
+        )
+    assert steps_to_compensate(failing) == []
+    assert failing.step("a").state is StepState.COMPENSATED
+    assert failing.step("a").output == {"id": 7}  # the step's own output stays
+    done = applied(failing, finish_run(failing, NOW, CARRIER))
+    assert (done.state, done.error) == (RunState.FAILED, failing.error)
+
+
+def test_stopping_a_workflow_with_nothing_to_undo_ends_it_at_once() -> None:
+    plain = (WorkflowStepSpec("a", "echo"), WorkflowStepSpec("b", "echo", depends_on=("a",)))
+    run = started(workflow_run(*plain), "a")
+    ended = applied(run, stop_run(run, RunState.CANCELLED, ERROR, NOW, CARRIER))
+    assert ended.state is RunState.CANCELLED
+    assert [s.state for s in ended.steps] == [StepState.CANCELLED, StepState.SKIPPED]
+
+
+def test_stopping_a_workflow_that_may_need_undoing_halts_its_steps_then_ends() -> None:
+    run = started(workflow_run(*DIAMOND), "a")
+    # "a" is running and has a compensation agent: it may still succeed.
+    assert may_need_compensation(run)
+    winding = applied(run, stop_run(run, RunState.TIMED_OUT, ERROR, NOW, CARRIER))
+    assert winding.state is RunState.RUNNING and winding.ending is RunState.TIMED_OUT
+    halted = applied(winding, halt_steps(winding, NOW, CARRIER))
+    assert [s.state for s in halted.steps] == [
+        StepState.TIMED_OUT,
+        StepState.SKIPPED,
+        StepState.SKIPPED,
+        StepState.SKIPPED,
+    ]
+    assert halt_steps(halted, NOW, CARRIER) is None
+    assert applied(halted, finish_run(halted, NOW, CARRIER)).state is RunState.TIMED_OUT
+
+
+def test_a_failed_compensation_keeps_the_step_succeeded_with_the_reason() -> None:
+    run = succeeded(started(workflow_run(*DIAMOND[:2]), "a"), "a", {})
+    run = applied(run, stop_run(run, RunState.CANCELLED, ERROR, NOW, CARRIER))
+    failure = RunError("UNAVAILABLE", "WORKER_UNAVAILABLE", "no answer")
+    after = applied(run, fail_compensation(run, "a", 2, failure, NOW, CARRIER))
+    step = after.step("a")
+    assert step.state is StepState.SUCCEEDED
+    assert step.error is not None and step.error.reason == "WORKER_UNAVAILABLE"
+    assert "compensation by 'undo' failed" in step.error.message
+
+
+def test_an_interrupted_attempt_leaves_its_step_retrying_with_the_reason() -> None:
+    run = running_run()
+    restarted = RunError("ABORTED", "EXECUTOR_RESTARTED", "restart")
+    change = interrupt_run(run, restarted, NOW, CARRIER)
+    after = applied(run, change)
+    assert after.state is RunState.RUNNING
+    assert (after.step(MAIN_STEP).state, after.step(MAIN_STEP).error) == (StepState.RETRYING, restarted)
+    assert change is not None and change.events[0].payload["interrupted"] is True
+    assert interrupt_run(queued_run(), restarted, NOW, CARRIER) is None
+    # With no attempt left, the step fails for good (the single-agent run with it).
+    failed = applied(after, fail_step(after, MAIN_STEP, restarted, NOW, CARRIER))
+    assert (failed.state, failed.step(MAIN_STEP).state) == (RunState.FAILED, StepState.FAILED)
+
+
+def test_only_failures_of_the_endpoint_count_against_its_breaker() -> None:
+    assert counts_against_endpoint(RunError("UNAVAILABLE", "WORKER_UNAVAILABLE", ""))
+    assert counts_against_endpoint(RunError("UNAVAILABLE", "HEARTBEAT_TIMEOUT", ""))
+    assert counts_against_endpoint(RunError("INTERNAL", "ANYTHING", ""))
+    assert not counts_against_endpoint(RunError("UNKNOWN", "INVALID_INPUT", ""))
+    assert not counts_against_endpoint(RunError("FAILED_PRECONDITION", "NO_SUCH_CITY", ""))
 
 
 # -- input validation --------------------------------------------------------------

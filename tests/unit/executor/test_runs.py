@@ -29,6 +29,7 @@ from services.executor.domain import (
     begin_attempt,
     new_run,
 )
+from services.executor.retry import RetrySettings
 from services.executor.runs import StartRunCommand
 from tests.unit.executor.conftest import ALICE, BOB, RigFactory, agent_spec
 
@@ -324,7 +325,9 @@ async def test_runs_keep_going_while_the_events_service_is_down(make_rig: RigFac
     assert [e.seq for e in events] == list(range(1, 8))
 
 
-async def test_after_a_restart_running_runs_fail_and_queued_runs_resume(make_rig: RigFactory) -> None:
+async def test_after_a_restart_an_attempt_with_none_left_fails_and_queued_runs_resume(
+    make_rig: RigFactory,
+) -> None:
     previous = await make_rig(start=False)
     # What a previous process left behind: one run mid-attempt, one still queued.
     now = utcnow()
@@ -334,22 +337,49 @@ async def test_after_a_restart_running_runs_fail_and_queued_runs_resume(make_rig
     await previous.store.create_run(waiting, [waiting_queued])
     await previous.store.update_run(stranded.run_id, lambda r: begin_attempt(r, MAIN_STEP, 1, now, {}))
 
-    restarted = await make_rig()
+    restarted = await make_rig()  # "slow" allows one attempt
 
-    failed = await restarted.store.get_run(stranded.run_id)
-    assert failed is not None
+    failed, _ = await restarted.runs.wait_run(ALICE, stranded.run_id, 20)
     assert failed.state is RunState.FAILED
     assert failed.error is not None and failed.error.reason == EXECUTOR_RESTARTED
-    assert failed.step(MAIN_STEP).state is StepState.FAILED
+    step = failed.step(MAIN_STEP)
+    assert (step.state, step.attempts) == (StepState.FAILED, 1)
     resumed, _ = await restarted.runs.wait_run(ALICE, waiting.run_id, 20)
     assert resumed.state is RunState.SUCCEEDED
-    events = await restarted.published(stranded.run_id, 4)
+    events = await restarted.published(stranded.run_id, 5)
     assert [e.type for e in events] == [
         EventType.RUN_QUEUED,
         EventType.AGENT_STARTED,
-        EventType.AGENT_FAILED,
+        EventType.AGENT_FAILED,  # the interrupted attempt
+        EventType.AGENT_FAILED,  # the step, for good
         EventType.RUN_COMPLETED,
     ]
+    assert events[2].payload["interrupted"] is True
+    assert stranded.run_id not in restarted.worker.started
+
+
+async def test_after_a_restart_an_interrupted_attempt_is_retried_when_the_policy_allows(
+    make_rig: RigFactory,
+) -> None:
+    previous = await make_rig(start=False)
+    now = utcnow()
+    stranded, queued = _stored_run(now, "slow")
+    await previous.store.create_run(stranded, [queued])
+    await previous.store.update_run(stranded.run_id, lambda r: begin_attempt(r, MAIN_STEP, 1, now, {}))
+    patient = RetrySettings(max_attempts=3, initial_backoff_seconds=0.01, max_backoff_seconds=0.02)
+
+    restarted = await make_rig(agents={"slow": agent_spec("slow", previous.endpoint, retry=patient)})
+
+    async with asyncio.timeout(20):
+        await restarted.worker.started[stranded.run_id].wait()
+    running = await restarted.store.get_run(stranded.run_id)
+    assert running is not None and running.state is RunState.RUNNING
+    step = running.step(MAIN_STEP)
+    assert (step.state, step.attempts) == (StepState.RUNNING, 2)
+    assert step.error is not None and step.error.reason == EXECUTOR_RESTARTED
+    request = next(r for r in restarted.worker.requests if r.context.run_id == stranded.run_id)
+    assert request.context.attempt == 2
+    await restarted.runs.cancel_run(ALICE, stranded.run_id, "")
 
 
 def _stored_run(now: datetime, agent: str) -> tuple[RunRecord, EventDraft]:

@@ -11,10 +11,10 @@ from switchboard.executor.v1 import executor_service_pb2, run_pb2
 
 from services.common import convert
 from services.common.auth import Role
-from services.common.errors import InvalidArgument, PermissionDenied, Unimplemented
-from services.executor.domain import ExecutorSettings
+from services.common.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from services.executor.domain import ExecutorSettings, RunFilter
 from services.executor.servicer import ExecutorServicer
-from tests.unit.executor.conftest import ALICE, BOB, Rig, RigFactory, context_of, principal
+from tests.unit.executor.conftest import ALICE, BOB, Rig, RigFactory, agent_spec, context_of, principal
 
 SETTINGS = ExecutorSettings()
 
@@ -83,15 +83,96 @@ async def test_a_missing_target_and_a_negative_timeout_are_refused(make_rig: Rig
     assert {v.field for v in refused.value.violations} == {"agent", "timeout"}
 
 
-async def test_a_workflow_is_not_implemented_yet(make_rig: RigFactory) -> None:
+def workflow_request(*steps: run_pb2.WorkflowStep, **fields: object) -> executor_service_pb2.StartRunRequest:
+    return executor_service_pb2.StartRunRequest(workflow=run_pb2.Workflow(steps=steps), **fields)  # type: ignore[arg-type]
+
+
+async def test_a_broken_workflow_is_refused_naming_its_steps_and_every_other_problem(
+    make_rig: RigFactory,
+) -> None:
     _, servicer = await servicer_for(make_rig)
-    request = executor_service_pb2.StartRunRequest(
-        workflow=run_pb2.Workflow(steps=[run_pb2.WorkflowStep(step_id="a", agent="echo")])
+    request = workflow_request(
+        run_pb2.WorkflowStep(step_id="a", agent="echo", depends_on=["b"]),
+        run_pb2.WorkflowStep(step_id="b", agent="echo", depends_on=["a"]),
+        run_pb2.WorkflowStep(step_id="c", agent="echo", depends_on=["ghost"]),
+        timeout=seconds(-1),
     )
-    with pytest.raises(Unimplemented) as refused:
+    with pytest.raises(InvalidArgument) as refused:
         await servicer.StartRun(request, context_of(ALICE))
-    assert refused.value.code is grpc.StatusCode.UNIMPLEMENTED
-    assert refused.value.reason == "WORKFLOWS_NOT_IMPLEMENTED"
+    assert refused.value.reason == "WORKFLOW_INVALID"
+    fields = bad_request_fields(refused.value)
+    assert {"workflow.steps[0].depends_on[0]", "workflow.steps[2].depends_on[0]", "timeout"} <= fields
+    message = refused.value.message
+    assert "a -> b -> a" in message and "'ghost'" in message
+
+
+async def test_a_workflow_naming_unknown_agents_or_bad_inputs_is_refused(make_rig: RigFactory) -> None:
+    rig, servicer = await servicer_for(make_rig)
+    rig.agents.specs["strict"] = agent_spec(
+        "strict", rig.endpoint, input_schema={"type": "object", "required": ["text"]}
+    )
+    request = workflow_request(
+        run_pb2.WorkflowStep(step_id="a", agent="strict"),
+        run_pb2.WorkflowStep(step_id="b", agent="nobody", compensation_agent="nobody-either"),
+        # Takes its text from a's output: checked when it starts, not now.
+        run_pb2.WorkflowStep(
+            step_id="c",
+            agent="strict",
+            depends_on=["a"],
+            input=convert.struct({"text": "${steps.a.output.text}"}),
+        ),
+    )
+    with pytest.raises(InvalidArgument) as refused:
+        await servicer.StartRun(request, context_of(ALICE))
+    assert refused.value.reason == "WORKFLOW_INVALID"
+    assert bad_request_fields(refused.value) == {
+        "workflow.steps[0].input.text",
+        "workflow.steps[1].agent",
+        "workflow.steps[1].compensation_agent",
+    }
+    assert await rig.store.list_runs(ALICE.user_id, RunFilter(), 10, None) == []
+
+
+async def test_a_workflow_run_shows_its_workflow_and_steps(make_rig: RigFactory) -> None:
+    rig, servicer = await servicer_for(make_rig)
+    request = workflow_request(
+        run_pb2.WorkflowStep(step_id="a", agent="echo", input=convert.struct({"n": 1})),
+        run_pb2.WorkflowStep(step_id="b", agent="echo", depends_on=["a"], compensation_agent="echo"),
+    )
+    run = (await servicer.StartRun(request, context_of(ALICE))).run
+    assert run.agent == ""
+    assert [(s.step_id, list(s.depends_on), s.compensation_agent) for s in run.workflow.steps] == [
+        ("a", [], ""),
+        ("b", ["a"], "echo"),
+    ]
+    assert convert.from_struct(run.workflow.steps[0].input) == {"n": 1}
+    assert [s.step_id for s in run.steps] == ["a", "b"]
+    await rig.runs.wait_run(ALICE, run.run_id, 20)
+
+
+async def test_a_full_queue_is_resource_exhausted_with_retry_info(make_rig: RigFactory) -> None:
+    rig = await make_rig(
+        per_user=1,
+        settings=ExecutorSettings(max_queued_runs_per_user=2, queue_full_retry_after_seconds=7.0),
+    )
+    servicer = ExecutorServicer(rig.runs, SETTINGS)
+    started = [
+        (await servicer.StartRun(start_request(agent="slow"), context_of(ALICE))).run for _ in range(3)
+    ]
+    with pytest.raises(ResourceExhausted) as refused:
+        await servicer.StartRun(start_request(agent="slow"), context_of(ALICE))
+    assert refused.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.reason == "USER_QUEUE_FULL"
+    retry = error_details_pb2.RetryInfo()
+    assert any(detail.Unpack(retry) for detail in refused.value.to_status_proto().details)
+    assert retry.retry_delay.seconds == 7
+    # Another user is not affected, and a freed place is usable again.
+    bobs = (await servicer.StartRun(start_request(agent="slow"), context_of(BOB))).run
+    await rig.runs.cancel_run(ALICE, started[2].run_id, "")
+    again = (await servicer.StartRun(start_request(agent="slow"), context_of(ALICE))).run
+    for run in [*started, again]:
+        await rig.runs.cancel_run(ALICE, run.run_id, "")
+    await rig.runs.cancel_run(BOB, bobs.run_id, "")
 
 
 async def test_services_cannot_start_or_read_runs(make_rig: RigFactory) -> None:
