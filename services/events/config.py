@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ServiceConfig
@@ -21,19 +19,3 @@ class EventsConfig(ServiceConfig):
     heartbeat_seconds: float = Field(default=10.0, gt=0, le=300)
     # Most deliveries in one EventBatch message.
     delivery_batch_size: int = Field(default=100, ge=1, le=1000)
-    # Where the log lives: "sql" (SQLite under data_dir, or DATABASE_URL), or
-    # "redis" (Redis Streams at REDIS_URL; several processes may share it).
-    backend: Literal["sql", "redis"] = "sql"
-    redis_url: str = Field(default="", validate_default=True)
-    # Every key of this service starts with it: several suites (or tests) can share one Redis.
-    redis_prefix: str = Field(default="switchboard:events:", min_length=1, max_length=200)
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url_for_redis(cls, value: str, info: ValidationInfo) -> str:
-        if info.data.get("backend") == "redis":
-            if not value:
-                raise ValueError("is required when SWITCHBOARD_EVENTS_BACKEND=redis")
-            if not value.startswith(("redis://", "rediss://", "unix://")):
-                raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return value

@@ -217,45 +217,9 @@ class ConsumerStatus:
 # --- The backend interface -----------------------------------------------------
 
 
-ConsumerKey = tuple[str, str]  # (user_id, consumer name)
-
-
-class LogListener(Protocol):
-    """What other processes serving the same log (replicas) did. Called from
-    the log's own task; must not block."""
-
-    def runs_appended(self, user_id: str, run_ids: Collection[str]) -> None: ...
-
-    def consumer_claimed(self, key: ConsumerKey, generation: int) -> None:
-        """A subscription elsewhere claimed the consumer with this generation."""
-        ...
-
-    def consumer_changed(self, key: ConsumerKey, run_ids: Collection[str]) -> None:
-        """The consumer's positions or deliveries on these runs were written
-        elsewhere without its claim (an `Acknowledge` without a stream)."""
-        ...
-
-    def signals_lost(self) -> None:
-        """Signals may have been missed (the log's connection dropped)."""
-        ...
-
-
 class EventLog(Protocol):
     """A durable event log with per-consumer positions. Implementations: the SQL
-    log in storage.py (SQLite or PostgreSQL; served by one process) and Redis
-    Streams in redis_log.py (shared by replicas, which it keeps informed through
-    `LogListener`)."""
-
-    def add_listener(self, listener: LogListener) -> None:
-        """Hears what other processes do; a log served by one process never calls it."""
-        ...
-
-    async def claim_consumer(self, user_id: str, consumer: str, holder: str) -> int:
-        """Makes `holder` (a subscription id) the consumer's only writer, ahead
-        of every earlier claim in any process. Returns the claim's generation,
-        increasing per consumer (0 where one process serves the log: the
-        in-process `ConsumerRegistry` is the only claim there)."""
-        ...
+    log in storage.py (SQLite or PostgreSQL); Redis Streams next."""
 
     async def append(self, batch: Sequence[NewEvent], now: datetime) -> AppendPlan:
         """Atomically checks `batch` with `plan_append` against the stored state
@@ -287,13 +251,8 @@ class EventLog(Protocol):
         consumer: str,
         positions: Sequence[ConsumerPosition],
         deliveries: Sequence[DeliveryRecord],
-        holder: str | None = None,
     ) -> None:
-        """Upserts positions and delivery records, atomically. With `holder`,
-        only while that claim stands (else raises `consumer_taken_over`, writing
-        nothing). Without one (acks without a stream), a log shared by processes
-        never moves a position back nor reopens a settled delivery, and tells
-        the others (`LogListener.consumer_changed`)."""
+        """Upserts positions and delivery records, atomically."""
         ...
 
     async def consumer_deliveries(
@@ -306,52 +265,6 @@ class EventLog(Protocol):
 
 
 # --- Publishing rules ----------------------------------------------------------
-# The refusals of a batch, the same from every backend (`index`: the event's
-# place in the batch).
-
-
-def event_id_conflict(event_id: str, index: int) -> AlreadyExists:
-    return AlreadyExists(
-        f"event {event_id} was already published with different content",
-        reason="EVENT_ID_CONFLICT",
-        metadata={"event_id": event_id, "index": str(index)},
-    )
-
-
-def run_owner_mismatch(index: int) -> InvalidArgument:
-    return InvalidArgument(
-        [FieldViolation(f"events[{index}].user_id", "differs from the owner of the run")],
-        reason="RUN_OWNER_MISMATCH",
-    )
-
-
-def run_already_completed(run_id: str, completed_seq: int, index: int) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"run {run_id} is complete (RUN_COMPLETED at seq {completed_seq})",
-        reason="RUN_ALREADY_COMPLETED",
-        metadata={"run_id": run_id, "index": str(index)},
-    )
-
-
-def sequence_taken(run_id: str, seq: int, index: int) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"seq {seq} of run {run_id} is already taken by another event",
-        reason="SEQUENCE_TAKEN",
-        metadata={"run_id": run_id, "seq": str(seq), "index": str(index)},
-    )
-
-
-def sequence_gap(run_id: str, expected: int, seq: int, index: int) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"run {run_id} expects seq {expected} next, not {seq}",
-        reason="SEQUENCE_GAP",
-        metadata={"run_id": run_id, "expected_seq": str(expected), "seq": str(seq), "index": str(index)},
-    )
-
-
-def epoch_of(now: datetime) -> int:
-    """A new run's epoch: its creation time in milliseconds."""
-    return int(now.timestamp() * 1000)
 
 
 def plan_append(
@@ -363,7 +276,7 @@ def plan_append(
     """Decides the outcome of a batch, in order, given the stored events with the
     batch's ids and the stored runs it names. Raises on the first event that
     cannot be stored (the batch is then stored not at all)."""
-    epoch = epoch_of(now)
+    epoch = int(now.timestamp() * 1000)
     planned_by_id: dict[str, StoredEvent] = {}
     current: dict[str, RunInfo] = dict(runs)
     plan = AppendPlan(results=[], runs={}, previous_last_seq={}, events=[])
@@ -372,19 +285,43 @@ def plan_append(
         earlier = planned_by_id.get(event.event_id) or stored.get(event.event_id)
         if earlier is not None:
             if earlier.content_hash != digest:
-                raise event_id_conflict(event.event_id, index)
+                raise AlreadyExists(
+                    f"event {event.event_id} was already published with different content",
+                    reason="EVENT_ID_CONFLICT",
+                    metadata={"event_id": event.event_id, "index": str(index)},
+                )
             plan.results.append(AppendResult(earlier.event_id, earlier.run_id, earlier.seq, duplicate=True))
             continue
         run = current.get(event.run_id)
         expected = 1 if run is None else run.last_seq + 1
         if run is not None and run.user_id != event.user_id:
-            raise run_owner_mismatch(index)
+            raise InvalidArgument(
+                [FieldViolation(f"events[{index}].user_id", "differs from the owner of the run")],
+                reason="RUN_OWNER_MISMATCH",
+            )
         if run is not None and run.completed_seq is not None:
-            raise run_already_completed(event.run_id, run.completed_seq, index)
+            raise FailedPrecondition(
+                f"run {event.run_id} is complete (RUN_COMPLETED at seq {run.completed_seq})",
+                reason="RUN_ALREADY_COMPLETED",
+                metadata={"run_id": event.run_id, "index": str(index)},
+            )
         if event.seq < expected:
-            raise sequence_taken(event.run_id, event.seq, index)
+            raise FailedPrecondition(
+                f"seq {event.seq} of run {event.run_id} is already taken by another event",
+                reason="SEQUENCE_TAKEN",
+                metadata={"run_id": event.run_id, "seq": str(event.seq), "index": str(index)},
+            )
         if event.seq > expected:
-            raise sequence_gap(event.run_id, expected, event.seq, index)
+            raise FailedPrecondition(
+                f"run {event.run_id} expects seq {expected} next, not {event.seq}",
+                reason="SEQUENCE_GAP",
+                metadata={
+                    "run_id": event.run_id,
+                    "expected_seq": str(expected),
+                    "seq": str(event.seq),
+                    "index": str(index),
+                },
+            )
         if run is None:
             run = RunInfo(event.run_id, event.user_id, epoch, 0)
             plan.previous_last_seq.setdefault(event.run_id, None)
@@ -412,17 +349,6 @@ def plan_append(
         plan.events.append(stored_event)
         plan.results.append(AppendResult(event.event_id, event.run_id, event.seq, duplicate=False))
     return plan
-
-
-CONSUMER_TAKEN_OVER = "CONSUMER_TAKEN_OVER"
-
-
-def consumer_taken_over(consumer: str) -> Aborted:
-    return Aborted(
-        f"consumer {consumer} was opened by a newer connection",
-        reason=CONSUMER_TAKEN_OVER,
-        metadata={"consumer": consumer},
-    )
 
 
 def run_not_found(run_id: str) -> NotFound:
@@ -565,13 +491,9 @@ class MonotonicClock:
 class PublishListener(Protocol):
     def on_published(self, run_ids: Collection[str]) -> None: ...
 
-    def on_signals_lost(self) -> None:
-        """Publishes elsewhere may have gone unheard: look again."""
-        ...
-
 
 class Notifier:
-    """Wakes the subscriptions of a user when their runs get events."""
+    """Wakes the subscriptions of a user when their runs get events (in-process)."""
 
     def __init__(self) -> None:
         self._listeners: dict[str, set[PublishListener]] = defaultdict(set)
@@ -590,10 +512,8 @@ class Notifier:
         for listener in list(self._listeners.get(user_id, ())):
             listener.on_published(run_ids)
 
-    def signals_lost(self) -> None:
-        for listeners in list(self._listeners.values()):
-            for listener in list(listeners):
-                listener.on_signals_lost()
+
+ConsumerKey = tuple[str, str]  # (user_id, consumer name)
 
 
 class ConsumerRegistry:
@@ -619,7 +539,13 @@ class ConsumerRegistry:
         older = self._active.get(key)
         if older is not None and older is not newer:
             log.info("durable consumer taken over", extra={"user_id": key[0], "consumer": key[1]})
-            older.fail(consumer_taken_over(key[1]))
+            older.fail(
+                Aborted(
+                    f"consumer {key[1]} was opened by a newer connection",
+                    reason="CONSUMER_TAKEN_OVER",
+                    metadata={"consumer": key[1]},
+                )
+            )
         self._active[key] = newer
 
     def release(self, key: ConsumerKey, subscription: Subscription) -> None:
@@ -697,13 +623,6 @@ class Subscription:
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
         self._closed = False
-        # The generation of this subscription's claim on its durable consumer
-        # (infinite until claimed: a claim elsewhere cannot be newer yet).
-        self.claim_generation: float = math.inf
-        # Runs whose consumer state another process wrote.
-        self._changed_runs: set[str] = set()
-        # Publishes elsewhere may have gone unheard: look at every run again.
-        self._rescan = False
 
     @property
     def durable(self) -> bool:
@@ -712,10 +631,6 @@ class Subscription:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
-
-    @property
-    def ended(self) -> bool:
-        return self._closed or self._failure is not None
 
     # -- lifecycle
 
@@ -731,9 +646,6 @@ class Subscription:
                 self._check_resume(runs)
                 if self._key is not None:
                     self._consumers.take_over(self._key, self)
-                    self.claim_generation = await self._log.claim_consumer(
-                        self.user_id, self._key[1], self.subscription_id
-                    )
                 stored = {}
                 if self._key is not None:
                     # All-runs: every position of the consumer, rather than one lookup per run.
@@ -771,21 +683,6 @@ class Subscription:
             self._dirty_runs.add(self.spec.run_id)
         else:
             return
-        self._wake.set()
-
-    def on_signals_lost(self) -> None:
-        if self._closed:
-            return
-        self._rescan = True
-        if self._key is not None:
-            self._changed_runs.update(self._runs)
-        self._wake.set()
-
-    def on_consumer_changed(self, run_ids: Collection[str]) -> None:
-        """Another process wrote this consumer's state on these runs."""
-        if self._closed or self._key is None:
-            return
-        self._changed_runs.update(run_ids)
         self._wake.set()
 
     async def _scope_runs(self) -> dict[str, RunInfo]:
@@ -917,7 +814,6 @@ class Subscription:
             self._ack_reports.clear()
             now = self._clock.now()
             await self._refresh_dirty_runs()
-            await self._reload_changed_runs()
             items: dict[str, list[DeliveryItem]] = defaultdict(list)
             self._expire(now, items)
             await self._fill(now, items)
@@ -942,11 +838,6 @@ class Subscription:
             raise Aborted("the subscription is closed", reason="SUBSCRIPTION_CLOSED")
 
     async def _refresh_dirty_runs(self) -> None:
-        if self._rescan:
-            self._rescan = False
-            self._dirty_runs.update(self._runs)
-            if self.spec.run_id is None:
-                self._dirty_runs.update(run.run_id for run in await self._log.runs_of_user(self.user_id))
         if not self._dirty_runs:
             return
         run_ids, self._dirty_runs = self._dirty_runs, set()
@@ -966,32 +857,6 @@ class Subscription:
                         run.run_id
                     )
                 self._track(run, stored, present_at_open=False)
-
-    async def _reload_changed_runs(self) -> None:
-        """Takes in what another process settled for this consumer (acks
-        without a stream): it is neither redelivered nor waited for here."""
-        if self._key is None or not self._changed_runs:
-            self._changed_runs.clear()
-            return
-        run_ids = [run_id for run_id in self._changed_runs if run_id in self._runs]
-        self._changed_runs.clear()
-        if not run_ids:
-            return
-        stored = await self._log.load_consumer(self.user_id, self._key[1], run_ids)
-        for run_id, state in stored.items():
-            cursor = self._runs[run_id]
-            through = state.position.acked_through
-            settled = {r.seq for r in state.deliveries if r.state is not DeliveryState.PENDING}
-            for flight in list(self._in_flight.values()):
-                seq = flight.event.seq
-                if flight.event.run_id == run_id and (seq <= through or seq in settled):
-                    del self._in_flight[flight.event.event_id]
-            for seq in [s for s in cursor.earlier_pending if s <= through or s in settled]:
-                del cursor.earlier_pending[seq]
-            cursor.settled_above |= settled
-            cursor.acked_through = advance_watermark(max(cursor.acked_through, through), cursor.settled_above)
-            cursor.next_seq = max(cursor.next_seq, cursor.acked_through + 1)
-            self._maybe_complete.add(run_id)
 
     def _expire(self, now: float, items: dict[str, list[DeliveryItem]]) -> None:
         due = sorted(
@@ -1266,14 +1131,7 @@ class Subscription:
             if run_id in self._runs
         ]
         records = list(self._record_writes.values())
-        try:
-            await self._log.save_consumer(
-                self.user_id, self._key[1], positions, records, holder=self.subscription_id
-            )
-        except Aborted as error:
-            # Claimed by a newer connection in another process: this one ends.
-            self.fail(error)
-            raise
+        await self._log.save_consumer(self.user_id, self._key[1], positions, records)
         self._record_writes.clear()
         self._position_writes.clear()
 
@@ -1292,30 +1150,10 @@ class EventsDomain:
         self._clock = clock or MonotonicClock()
         self._notifier = Notifier()
         self._consumers = ConsumerRegistry()
-        log.add_listener(self)
 
     @property
     def settings(self) -> DeliverySettings:
         return self._settings
-
-    # -- what other processes serving the same log did (LogListener)
-
-    def runs_appended(self, user_id: str, run_ids: Collection[str]) -> None:
-        self._notifier.notify(user_id, run_ids)
-
-    def consumer_claimed(self, key: ConsumerKey, generation: int) -> None:
-        live = self._consumers.active(key)
-        if live is not None and live.claim_generation < generation:
-            log.info("durable consumer taken over elsewhere", extra={"user_id": key[0], "consumer": key[1]})
-            live.fail(consumer_taken_over(key[1]))
-
-    def consumer_changed(self, key: ConsumerKey, run_ids: Collection[str]) -> None:
-        live = self._consumers.active(key)
-        if live is not None:
-            live.on_consumer_changed(run_ids)
-
-    def signals_lost(self) -> None:
-        self._notifier.signals_lost()
 
     async def publish(self, batch: Sequence[NewEvent], now: datetime) -> list[AppendResult]:
         """Stores the batch whole (or raises and stores nothing), then wakes the
@@ -1346,13 +1184,8 @@ class EventsDomain:
         key = (user_id, consumer)
         async with self._consumers.lock(key):
             live = self._consumers.active(key)
-            if live is not None and not live.ended:
-                try:
-                    return await live.acknowledge_locked(event_ids, cumulative)
-                except Aborted as error:
-                    if error.reason != CONSUMER_TAKEN_OVER:
-                        raise
-                    # Its stream moved to another process: ack as if none were open here.
+            if live is not None:
+                return await live.acknowledge_locked(event_ids, cumulative)
             return await self._acknowledge_offline(user_id, consumer, event_ids, cumulative)
 
     async def _acknowledge_offline(

@@ -1,9 +1,8 @@
 """The embedded event log: SQL tables behind `EventLog` (SQLite or PostgreSQL).
 
 Appends run in one transaction each: the stored state the batch depends on is
-read (runs first, locked with FOR UPDATE on PostgreSQL, then the events with
-the batch's ids, so that both reads agree), `plan_append` decides, and the plan
-is written, or nothing is. Writes in this process are serialized (one
+read (runs locked with FOR UPDATE on PostgreSQL), `plan_append` decides, and
+the plan is written, or nothing is. Writes in this process are serialized (one
 writer at a time suits SQLite and costs PostgreSQL little at this scale); a
 writer in another process that wins a race surfaces as an IntegrityError and
 the batch is simply decided again against the new state.
@@ -49,7 +48,6 @@ from services.events.domain import (
     ConsumerStatus,
     DeliveryRecord,
     DeliveryState,
-    LogListener,
     NewEvent,
     RunInfo,
     StoredEvent,
@@ -208,12 +206,6 @@ class SqlEventLog:
         self._sessions = sessionmaker(engine)
         self._write_lock = asyncio.Lock()
 
-    def add_listener(self, listener: LogListener) -> None:
-        """One process serves an SQL log: there is nobody else to hear from."""
-
-    async def claim_consumer(self, user_id: str, consumer: str, holder: str) -> int:
-        return 0  # the in-process ConsumerRegistry is the only claim
-
     def _upsert(self, table: Table) -> Any:
         dialect = self._engine.dialect.name
         return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
@@ -232,19 +224,15 @@ class SqlEventLog:
     async def _append_once(
         self, session: AsyncSession, batch: Sequence[NewEvent], now: datetime
     ) -> AppendPlan:
-        # Runs first: once they are locked, no other writer can store events of
-        # them, so the events read next match the runs read (under READ
-        # COMMITTED each statement sees the latest commits: read the other way
-        # round, a batch committed in between looked like a taken seq).
+        stored: dict[str, StoredEvent] = {}
+        for chunk in _chunks([e.event_id for e in batch]):
+            result = await session.execute(select(events).where(events.c.event_id.in_(chunk)))
+            stored.update((row["event_id"], _event(row)) for row in result.mappings())
         current: dict[str, RunInfo] = {}
         for chunk in _chunks([e.run_id for e in batch]):
             query = select(runs).where(runs.c.run_id.in_(chunk)).with_for_update()
             result = await session.execute(query)
             current.update((row["run_id"], _run(row)) for row in result.mappings())
-        stored: dict[str, StoredEvent] = {}
-        for chunk in _chunks([e.event_id for e in batch]):
-            result = await session.execute(select(events).where(events.c.event_id.in_(chunk)))
-            stored.update((row["event_id"], _event(row)) for row in result.mappings())
         plan = plan_append(batch, stored, current, now)
         for run_id, run in plan.runs.items():
             previous = plan.previous_last_seq[run_id]
@@ -348,7 +336,6 @@ class SqlEventLog:
         consumer: str,
         positions: Sequence[ConsumerPosition],
         deliveries: Sequence[DeliveryRecord],
-        holder: str | None = None,
     ) -> None:
         if not positions and not deliveries:
             return
