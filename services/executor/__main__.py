@@ -102,8 +102,9 @@ async def build(runtime: Runtime) -> ServiceParts:
         settings=settings_of(config),
         admission_poll_seconds=config.admission_poll_seconds,
     )
-    # Before serving: nothing may start while runs of the previous process are
-    # still marked RUNNING.
+    # Before serving: the attempts a previous process left running are marked
+    # interrupted before anything starts; they resume (retried per policy) with
+    # the queue in `start`.
     await runs.recover()
 
     async def credentials_work() -> bool:

@@ -8,6 +8,14 @@ A run's history is a sequence of `RunChange`s. Each change is decided by a pure
 function from the run as it is now (so a change that no longer applies, e.g.
 progress of a run that was cancelled meanwhile, decides to do nothing), and is
 written with its events in one transaction.
+
+A single-agent run has one step ("main"); a workflow run (no agent of its
+own) has one step per workflow step. A step runs attempts: RUNNING, then
+SUCCEEDED, or RETRYING (its last attempt's error kept) until the next one, or
+FAILED for good. A workflow whose step fails, or that is cancelled or times
+out while something may need undoing, first *winds down* (`ending` records
+how it will end; no new attempt starts), its compensations run, and then it
+ends (`finish_run`). Every event names its step.
 """
 
 from __future__ import annotations
@@ -732,10 +740,6 @@ def complete_step(
     )
 
 
-# The name the single-agent executor used; kept for readers of older code.
-complete_with_output = complete_step
-
-
 _STEP_STATE_WHEN_RUN_ENDS = {
     RunState.FAILED: StepState.FAILED,
     RunState.CANCELLED: StepState.CANCELLED,
@@ -917,7 +921,6 @@ def steps_to_compensate(run: RunRecord) -> list[str]:
 
 
 def _compensation_event(
-    run: RunRecord,
     step: StepRecord,
     type_: EventType,
     payload: Mapping[str, Any],
@@ -936,7 +939,7 @@ def begin_compensation(
     if not _compensating(run, step):
         return None
     return RunChange(
-        events=(_compensation_event(run, step, EventType.AGENT_STARTED, {"attempt": attempt}, now, carrier),)
+        events=(_compensation_event(step, EventType.AGENT_STARTED, {"attempt": attempt}, now, carrier),)
     )
 
 
@@ -953,7 +956,7 @@ def retry_compensation_later(
     if not _compensating(run, step):
         return None
     payload = {"error": error.as_payload(), "attempt": attempt, "retry_in_seconds": round(delay_seconds, 3)}
-    return RunChange(events=(_compensation_event(run, step, EventType.AGENT_FAILED, payload, now, carrier),))
+    return RunChange(events=(_compensation_event(step, EventType.AGENT_FAILED, payload, now, carrier),))
 
 
 def complete_compensation(
@@ -971,7 +974,7 @@ def complete_compensation(
     payload = {"output": dict(output), "attempt": attempt}
     return RunChange(
         steps=(StepChange(step_id, state=StepState.COMPENSATED),),
-        events=(_compensation_event(run, step, EventType.AGENT_COMPLETED, payload, now, carrier),),
+        events=(_compensation_event(step, EventType.AGENT_COMPLETED, payload, now, carrier),),
     )
 
 
@@ -989,7 +992,7 @@ def fail_compensation(
     payload = {"error": error.as_payload(), "attempt": attempt}
     return RunChange(
         steps=(StepChange(step_id, error=recorded),),
-        events=(_compensation_event(run, step, EventType.AGENT_FAILED, payload, now, carrier),),
+        events=(_compensation_event(step, EventType.AGENT_FAILED, payload, now, carrier),),
     )
 
 

@@ -110,9 +110,10 @@ ATTR_COMPENSATION = "switchboard.compensation"
 
 # A retry needs at least this long before the deadline to be worth starting.
 MIN_ATTEMPT_SECONDS = 0.5
-# How long the tasks of stopped steps get to end on their own before they are
-# cancelled (their worker calls are cancelled at once either way).
-STOP_GRACE_SECONDS = 1.0
+# How long the tasks of stopped steps get to end on their own (finishing a
+# write) before they are cancelled; their worker calls and backoff pauses end
+# at once either way, so only waits for an agent slot are left to cancel.
+STOP_GRACE_SECONDS = 0.5
 
 
 def run_deadline_error() -> RunError:
@@ -407,8 +408,7 @@ class RunExecution:
 
     async def _stop_steps(self) -> None:
         """Cancels the worker calls of every step at once, lets their tasks end
-        on their own for a moment, then cancels what is left (backoff sleeps,
-        waits for a slot)."""
+        on their own for a moment, then cancels what is left (waits for a slot)."""
         if not self.tasks:
             return
         self.handle.request_stop()
@@ -476,7 +476,8 @@ class RunExecution:
             if not decision.retry:
                 await self._fail(step_id, step.error)
                 return
-            await asyncio.sleep(decision.delay_seconds or 0.0)
+            if await self.handle.pause(decision.delay_seconds or 0.0):
+                return
         input = self._input(run, step, agent)
         if isinstance(input, RunError):
             await self._fail(step_id, input)
@@ -492,9 +493,8 @@ class RunExecution:
                 if isinstance(outcome, Failed):
                     span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.error.reason))
                 delay = await self._record_outcome(context, agent, outcome)
-            if delay is None:
+            if delay is None or await self.handle.pause(delay):
                 return
-            await asyncio.sleep(delay)
 
     async def _record_outcome(
         self, context: ExecutionContext, agent: AgentSpec, outcome: AttemptOutcome | None

@@ -70,6 +70,8 @@ class Admission:
         self.max_active = max_active
         self.max_active_per_user = max_active_per_user
         self._queue: dict[str, Ticket] = {}
+        # The fair queue's view of each queued run, made once per run.
+        self._queued_runs: dict[str, QueuedRun] = {}
         self._queued_per_user: collections.Counter[str] = collections.Counter()
         self._active: dict[str, Ticket] = {}
         self._active_per_user: collections.Counter[str] = collections.Counter()
@@ -89,6 +91,7 @@ class Admission:
         if ticket.run_id in self._queue or ticket.run_id in self._active:
             return False
         self._queue[ticket.run_id] = ticket
+        self._queued_runs[ticket.run_id] = ticket.queued_run()
         self._queued_per_user[ticket.user_id] += 1
         return True
 
@@ -105,6 +108,7 @@ class Admission:
         ticket = self._queue.pop(run_id, None)
         if ticket is None:
             return False
+        del self._queued_runs[run_id]
         self._unqueue_user(ticket.user_id)
         return True
 
@@ -115,7 +119,7 @@ class Admission:
         if not self._queue:
             return []
         chosen = pick_next(
-            [ticket.queued_run() for ticket in self._queue.values()],
+            self._queued_runs.values(),
             ActiveCounts(
                 per_user=self._active_per_user, per_agent=self._agent_slots, total=len(self._active)
             ),
@@ -130,6 +134,7 @@ class Admission:
         admitted: list[Ticket] = []
         for run_id in chosen:
             ticket = self._queue.pop(run_id)
+            del self._queued_runs[run_id]
             self._unqueue_user(ticket.user_id)
             # As fair_queue.mark_served: each admission is the newest turn.
             self._tick = max(self._tick, *self._last_served.values(), 0) + 1
@@ -218,9 +223,18 @@ class RunHandle:
 
     def __init__(self) -> None:
         self.stopped = False
+        # Set by a stop request, for good: backoff pauses end at once.
+        self.stopping = asyncio.Event()
         # Set on every stop request; the execution loop clears it when it looks.
         self.wakeup = asyncio.Event()
         self._calls: set[Cancellable] = set()
+
+    async def pause(self, seconds: float) -> bool:
+        """Waits `seconds` (a retry's backoff); True when stopped meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.stopping.wait()
+        return self.stopped
 
     def attach(self, call: Cancellable) -> None:
         if self.stopped:
@@ -233,6 +247,7 @@ class RunHandle:
 
     def request_stop(self) -> None:
         self.stopped = True
+        self.stopping.set()
         for call in list(self._calls):
             call.cancel()
         self._calls.clear()
@@ -351,9 +366,15 @@ class Scheduler:
         runs the fair queue picks under the current limits."""
         if self._stopped:
             return
-        waiting = {agent for agent, waiters in self._slot_waiters.items() if waiters}
-        agents = sorted(waiting | self.admission.queued_agents())
-        limits = dict(zip(agents, await asyncio.gather(*map(self._agent_limit, agents)), strict=True))
+        limits: dict[str, int] = {}
+        while True:
+            # Until every agent that may get a slot has its current limit (runs
+            # queued while the limits were being fetched included).
+            waiting = {agent for agent, waiters in self._slot_waiters.items() if waiters}
+            missing = sorted((waiting | self.admission.queued_agents()) - limits.keys())
+            if not missing:
+                break
+            limits.update(zip(missing, await asyncio.gather(*map(self._agent_limit, missing)), strict=True))
         for agent in waiting:
             waiters = self._slot_waiters[agent]
             while waiters:

@@ -32,7 +32,6 @@ from services.executor.domain import (
     admit_run,
     begin_attempt,
     complete_step,
-    complete_with_output,
     end_run,
     fail_step,
     new_run,
@@ -134,7 +133,7 @@ async def test_a_change_and_its_events_are_written_together_with_gapless_seqs(st
     assert started is not None and started[1]
     await store.update_run(run.run_id, lambda r: record_progress(r, MAIN_STEP, 1, Thinking("a"), T0, CARRIER))
     done = await store.update_run(
-        run.run_id, lambda r: complete_with_output(r, MAIN_STEP, 1, {"ok": True}, T0, CARRIER)
+        run.run_id, lambda r: complete_step(r, MAIN_STEP, 1, {"ok": True}, T0, CARRIER)
     )
     assert done is not None
 

@@ -33,6 +33,7 @@ from services.executor.domain import (
     ToolFinished,
     ToolStarted,
 )
+from services.executor.retry import RetrySettings
 from tests.unit.executor.conftest import NoCredentials, StaticAgents, agent_spec, error_status
 
 
@@ -78,6 +79,58 @@ def test_unset_agent_fields_take_the_registry_defaults() -> None:
         agent_pb2.Agent(name="a", timeout=convert.duration(2.5), heartbeat_timeout=convert.duration(0.5))
     )
     assert (timed.timeout_seconds, timed.heartbeat_timeout_seconds) == (2.5, 0.5)
+
+
+def test_the_agents_limits_and_retry_policy_come_from_the_registry() -> None:
+    spec = agent_spec_from_proto(
+        agent_pb2.Agent(
+            name="a",
+            max_concurrency=3,
+            retry_policy=agent_pb2.RetryPolicy(
+                max_attempts=4,
+                initial_backoff=convert.duration(0.5),
+                backoff_multiplier=3.0,
+                non_retryable_reasons=["NO_SUCH_CITY"],
+            ),
+        )
+    )
+    assert spec.max_concurrency == 3
+    assert spec.retry == RetrySettings(
+        max_attempts=4,
+        initial_backoff_seconds=0.5,
+        max_backoff_seconds=60.0,  # unset: the registry's documented default
+        multiplier=3.0,
+        non_retryable_reasons=frozenset({"NO_SUCH_CITY"}),
+    )
+    # Unset entirely: the documented defaults.
+    assert agent_spec_from_proto(agent_pb2.Agent(name="b")).retry == RetrySettings()
+    # A stored policy that makes no sense here falls back to the defaults.
+    nonsense = agent_pb2.RetryPolicy(initial_backoff=convert.duration(10), max_backoff=convert.duration(1))
+    assert agent_spec_from_proto(agent_pb2.Agent(name="c", retry_policy=nonsense)).retry == RetrySettings()
+
+
+async def test_while_the_registry_is_unreachable_the_last_known_definition_is_used() -> None:
+    class Flaky(StaticAgents):
+        down = False
+
+        async def get(self, name: str) -> AgentSpec:
+            if self.down:
+                self.lookups += 1
+                raise Unavailable("registry down")
+            return await super().get(name)
+
+    inner = Flaky({"echo": agent_spec("echo", "h:1")})
+    clock = Clock()
+    cached = CachedAgents(inner, ttl=5.0, monotonic=clock)
+    await cached.get("echo")
+    inner.down = True
+    clock.now += 5.0
+    assert (await cached.get("echo")).endpoint == "h:1"
+    # Asked again only after another ttl, not on every call.
+    await cached.get("echo")
+    assert inner.lookups == 2
+    with pytest.raises(Unavailable):
+        await cached.get("never-seen")
 
 
 class FakeRegistry(registry_service_pb2_grpc.RegistryServiceServicer):

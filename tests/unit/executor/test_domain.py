@@ -34,7 +34,6 @@ from services.executor.domain import (
     check_step_transition,
     complete_compensation,
     complete_step,
-    complete_with_output,
     counts_against_endpoint,
     end_run,
     events_with_seq,
@@ -200,7 +199,7 @@ def test_a_new_run_is_queued_with_one_pending_step_and_run_queued() -> None:
 def test_events_are_numbered_after_the_newest_one_without_gaps() -> None:
     run = running_run()
     assert run.last_seq == 2
-    change = complete_with_output(run, MAIN_STEP, 1, {"x": 1}, NOW, CARRIER)
+    change = complete_step(run, MAIN_STEP, 1, {"x": 1}, NOW, CARRIER)
     assert change is not None
     numbered = events_with_seq(run, change)
     assert [(e.seq, e.type) for e in numbered] == [
@@ -232,7 +231,7 @@ def test_nothing_is_recorded_for_a_run_that_already_ended() -> None:
     assert ended is not None
     cancelled = apply_change(run, ended)
     assert record_progress(cancelled, MAIN_STEP, 1, Thinking("late"), NOW, CARRIER) is None
-    assert complete_with_output(cancelled, MAIN_STEP, 1, {}, NOW, CARRIER) is None
+    assert complete_step(cancelled, MAIN_STEP, 1, {}, NOW, CARRIER) is None
     assert end_run(cancelled, RunState.FAILED, ERROR, NOW, CARRIER) is None
     assert begin_attempt(cancelled, MAIN_STEP, 2, NOW, CARRIER) is None
 
