@@ -12,14 +12,18 @@ heartbeats on an idle stream, and `RunStreamCompleted` once a run's last event
 is settled. A durable consumer keeps its positions in the backend, so a new
 connection (or a restarted service) resumes where the last one left off.
 
-The log itself sits behind `EventLog`, so another backend (Redis Streams) can
-replace the SQL one without touching delivery or the servicer.
+The log itself sits behind `EventLog`: the SQL log (one process) or Redis
+Streams (shared by replicas), with the same behaviour. Between replicas, the
+log carries signals (`LogListener`): publishes wake subscriptions everywhere,
+and a durable consumer is claimed by its newest connection, whose claim fences
+every older connection's writes wherever it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import json
@@ -32,7 +36,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from services.common.errors import (
@@ -43,6 +47,7 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    Unavailable,
 )
 
 log = logging.getLogger("switchboard.events")
@@ -157,6 +162,8 @@ class RunInfo:
     last_seq: int
     # Seq of the RUN_COMPLETED event, once stored.
     completed_seq: int | None = None
+    # Retention removed every event through this seq (the run itself stays).
+    trimmed_through: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,9 +224,45 @@ class ConsumerStatus:
 # --- The backend interface -----------------------------------------------------
 
 
+ConsumerKey = tuple[str, str]  # (user_id, consumer name)
+
+
+class LogListener(Protocol):
+    """What other processes serving the same log (replicas) did. Called from
+    the log's own task; must not block."""
+
+    def runs_appended(self, user_id: str, run_ids: Collection[str]) -> None: ...
+
+    def consumer_claimed(self, key: ConsumerKey, generation: int) -> None:
+        """A subscription elsewhere claimed the consumer with this generation."""
+        ...
+
+    def consumer_changed(self, key: ConsumerKey, run_ids: Collection[str]) -> None:
+        """The consumer's positions or deliveries on these runs were written
+        elsewhere without its claim (an `Acknowledge` without a stream)."""
+        ...
+
+    def signals_lost(self) -> None:
+        """Signals may have been missed (the log's connection dropped)."""
+        ...
+
+
 class EventLog(Protocol):
     """A durable event log with per-consumer positions. Implementations: the SQL
-    log in storage.py (SQLite or PostgreSQL); Redis Streams next."""
+    log in storage.py (SQLite or PostgreSQL; served by one process) and Redis
+    Streams in redis_log.py (shared by replicas, which it keeps informed through
+    `LogListener`)."""
+
+    def add_listener(self, listener: LogListener) -> None:
+        """Hears what other processes do; a log served by one process never calls it."""
+        ...
+
+    async def claim_consumer(self, user_id: str, consumer: str, holder: str) -> int:
+        """Makes `holder` (a subscription id) the consumer's only writer, ahead
+        of every earlier claim in any process. Returns the claim's generation,
+        increasing per consumer (0 where one process serves the log: the
+        in-process `ConsumerRegistry` is the only claim there)."""
+        ...
 
     async def append(self, batch: Sequence[NewEvent], now: datetime) -> AppendPlan:
         """Atomically checks `batch` with `plan_append` against the stored state
@@ -251,20 +294,84 @@ class EventLog(Protocol):
         consumer: str,
         positions: Sequence[ConsumerPosition],
         deliveries: Sequence[DeliveryRecord],
+        holder: str | None = None,
     ) -> None:
-        """Upserts positions and delivery records, atomically."""
+        """Upserts positions and delivery records, atomically. With `holder`,
+        only while that claim stands (else raises `consumer_taken_over`, writing
+        nothing). Without one (acks without a stream), a log shared by processes
+        never moves a position back nor reopens a settled delivery, and tells
+        the others (`LogListener.consumer_changed`)."""
         ...
 
     async def consumer_deliveries(
         self, user_id: str, consumer: str, event_ids: Collection[str]
     ) -> list[DeliveryRecord]: ...
 
+    async def follow_all_runs(self, user_id: str, consumer: str) -> None:
+        """Records that the consumer follows all the user's runs: retention then
+        keeps, for it, the runs it has no position on yet (it would read them
+        from the beginning)."""
+        ...
+
     async def delivery_status(self, user_id: str, run_id: str) -> list[ConsumerStatus]:
         """Per durable consumer of the user with a position on the run."""
         ...
 
+    async def trim(self, max_age_cutoff: datetime | None, settled_cutoff: datetime | None) -> dict[str, int]:
+        """Retention: removes from each run the prefix `retention_point` allows
+        (events compared by `create_time`) and records it as the run's
+        `trimmed_through`; the run itself stays. None turns a rule off. Returns
+        the new `trimmed_through` of each run it trimmed."""
+        ...
+
 
 # --- Publishing rules ----------------------------------------------------------
+# The refusals of a batch, the same from every backend (`index`: the event's
+# place in the batch).
+
+
+def event_id_conflict(event_id: str, index: int) -> AlreadyExists:
+    return AlreadyExists(
+        f"event {event_id} was already published with different content",
+        reason="EVENT_ID_CONFLICT",
+        metadata={"event_id": event_id, "index": str(index)},
+    )
+
+
+def run_owner_mismatch(index: int) -> InvalidArgument:
+    return InvalidArgument(
+        [FieldViolation(f"events[{index}].user_id", "differs from the owner of the run")],
+        reason="RUN_OWNER_MISMATCH",
+    )
+
+
+def run_already_completed(run_id: str, completed_seq: int, index: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"run {run_id} is complete (RUN_COMPLETED at seq {completed_seq})",
+        reason="RUN_ALREADY_COMPLETED",
+        metadata={"run_id": run_id, "index": str(index)},
+    )
+
+
+def sequence_taken(run_id: str, seq: int, index: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"seq {seq} of run {run_id} is already taken by another event",
+        reason="SEQUENCE_TAKEN",
+        metadata={"run_id": run_id, "seq": str(seq), "index": str(index)},
+    )
+
+
+def sequence_gap(run_id: str, expected: int, seq: int, index: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"run {run_id} expects seq {expected} next, not {seq}",
+        reason="SEQUENCE_GAP",
+        metadata={"run_id": run_id, "expected_seq": str(expected), "seq": str(seq), "index": str(index)},
+    )
+
+
+def epoch_of(now: datetime) -> int:
+    """A new run's epoch: its creation time in milliseconds."""
+    return int(now.timestamp() * 1000)
 
 
 def plan_append(
@@ -276,7 +383,7 @@ def plan_append(
     """Decides the outcome of a batch, in order, given the stored events with the
     batch's ids and the stored runs it names. Raises on the first event that
     cannot be stored (the batch is then stored not at all)."""
-    epoch = int(now.timestamp() * 1000)
+    epoch = epoch_of(now)
     planned_by_id: dict[str, StoredEvent] = {}
     current: dict[str, RunInfo] = dict(runs)
     plan = AppendPlan(results=[], runs={}, previous_last_seq={}, events=[])
@@ -285,50 +392,26 @@ def plan_append(
         earlier = planned_by_id.get(event.event_id) or stored.get(event.event_id)
         if earlier is not None:
             if earlier.content_hash != digest:
-                raise AlreadyExists(
-                    f"event {event.event_id} was already published with different content",
-                    reason="EVENT_ID_CONFLICT",
-                    metadata={"event_id": event.event_id, "index": str(index)},
-                )
+                raise event_id_conflict(event.event_id, index)
             plan.results.append(AppendResult(earlier.event_id, earlier.run_id, earlier.seq, duplicate=True))
             continue
         run = current.get(event.run_id)
         expected = 1 if run is None else run.last_seq + 1
         if run is not None and run.user_id != event.user_id:
-            raise InvalidArgument(
-                [FieldViolation(f"events[{index}].user_id", "differs from the owner of the run")],
-                reason="RUN_OWNER_MISMATCH",
-            )
+            raise run_owner_mismatch(index)
         if run is not None and run.completed_seq is not None:
-            raise FailedPrecondition(
-                f"run {event.run_id} is complete (RUN_COMPLETED at seq {run.completed_seq})",
-                reason="RUN_ALREADY_COMPLETED",
-                metadata={"run_id": event.run_id, "index": str(index)},
-            )
+            raise run_already_completed(event.run_id, run.completed_seq, index)
         if event.seq < expected:
-            raise FailedPrecondition(
-                f"seq {event.seq} of run {event.run_id} is already taken by another event",
-                reason="SEQUENCE_TAKEN",
-                metadata={"run_id": event.run_id, "seq": str(event.seq), "index": str(index)},
-            )
+            raise sequence_taken(event.run_id, event.seq, index)
         if event.seq > expected:
-            raise FailedPrecondition(
-                f"run {event.run_id} expects seq {expected} next, not {event.seq}",
-                reason="SEQUENCE_GAP",
-                metadata={
-                    "run_id": event.run_id,
-                    "expected_seq": str(expected),
-                    "seq": str(event.seq),
-                    "index": str(index),
-                },
-            )
+            raise sequence_gap(event.run_id, expected, event.seq, index)
         if run is None:
             run = RunInfo(event.run_id, event.user_id, epoch, 0)
             plan.previous_last_seq.setdefault(event.run_id, None)
         else:
             plan.previous_last_seq.setdefault(event.run_id, run.last_seq)
         completed = event.seq if event.type == EventType.RUN_COMPLETED else run.completed_seq
-        run = RunInfo(run.run_id, run.user_id, run.epoch, event.seq, completed)
+        run = dataclasses.replace(run, last_seq=event.seq, completed_seq=completed)
         current[run.run_id] = plan.runs[run.run_id] = run
         stored_event = StoredEvent(
             event_id=event.event_id,
@@ -349,6 +432,49 @@ def plan_append(
         plan.events.append(stored_event)
         plan.results.append(AppendResult(event.event_id, event.run_id, event.seq, duplicate=False))
     return plan
+
+
+CONSUMER_TAKEN_OVER = "CONSUMER_TAKEN_OVER"
+EVENTS_TRIMMED = "EVENTS_TRIMMED"
+
+
+def retention_point(
+    run: RunInfo, aged_through: int | None, settled_aged_through: int | None, settled_through: int | None
+) -> int:
+    """How far retention may trim a run: through the last seq of its oldest
+    events created before the maximum-age cutoff (`aged_through`), whoever has
+    read them; and through the last seq of those created before the shorter
+    cutoff (`settled_aged_through`) as far as every durable consumer of the run
+    has settled (`settled_through`: the lowest position among the consumers
+    with one, 0 if a consumer following all the user's runs has none yet; None
+    when no consumer holds the run back). Never back, never past the last seq.
+    A None age bound means that rule is off."""
+    through = run.trimmed_through
+    if aged_through is not None:
+        through = max(through, aged_through)
+    if settled_aged_through is not None:
+        limit = (
+            settled_aged_through if settled_through is None else min(settled_aged_through, settled_through)
+        )
+        through = max(through, limit)
+    return min(through, run.last_seq)
+
+
+def events_trimmed(run: RunInfo, wanted_after: int) -> OutOfRange:
+    return OutOfRange(
+        f"run {run.run_id} keeps no events through seq {run.trimmed_through} (retention); "
+        f"seq {wanted_after + 1} onwards is not complete: continue after seq {run.trimmed_through}",
+        reason=EVENTS_TRIMMED,
+        metadata={"run_id": run.run_id, "epoch": str(run.epoch), "trimmed_through": str(run.trimmed_through)},
+    )
+
+
+def consumer_taken_over(consumer: str) -> Aborted:
+    return Aborted(
+        f"consumer {consumer} was opened by a newer connection",
+        reason=CONSUMER_TAKEN_OVER,
+        metadata={"consumer": consumer},
+    )
 
 
 def run_not_found(run_id: str) -> NotFound:
@@ -466,7 +592,18 @@ class RunStreamCompleted:
     last_seq: int
 
 
-Output = DeliveryBatch | AckReport | Heartbeat | RunStreamCompleted
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The run's events through `trimmed_through` are gone (retention): what
+    follows continues after that seq, not from where the subscription asked."""
+
+    run_id: str
+    epoch: int
+    trimmed_through: int
+    reason: str = EVENTS_TRIMMED
+
+
+Output = DeliveryBatch | AckReport | Heartbeat | RunStreamCompleted | StreamReset
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,6 +612,16 @@ class DeliverySettings:
     heartbeat_seconds: float = 10.0
     # Most deliveries in one batch.
     batch_size: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    """Seconds; None keeps events forever under that rule (see `retention_point`)."""
+
+    # Older events go, read or not.
+    max_age: float | None = None
+    # Older events go once every durable consumer of the run has settled them.
+    settled_age: float | None = None
 
 
 class Clock(Protocol):
@@ -491,9 +638,15 @@ class MonotonicClock:
 class PublishListener(Protocol):
     def on_published(self, run_ids: Collection[str]) -> None: ...
 
+    def on_signals_lost(self) -> None:
+        """Publishes elsewhere may have gone unheard: look again."""
+        ...
+
+    def fail(self, error: BaseException) -> None: ...
+
 
 class Notifier:
-    """Wakes the subscriptions of a user when their runs get events (in-process)."""
+    """Wakes the subscriptions of a user when their runs get events."""
 
     def __init__(self) -> None:
         self._listeners: dict[str, set[PublishListener]] = defaultdict(set)
@@ -512,8 +665,15 @@ class Notifier:
         for listener in list(self._listeners.get(user_id, ())):
             listener.on_published(run_ids)
 
+    def signals_lost(self) -> None:
+        for listeners in list(self._listeners.values()):
+            for listener in list(listeners):
+                listener.on_signals_lost()
 
-ConsumerKey = tuple[str, str]  # (user_id, consumer name)
+    def fail_all(self, error: BaseException) -> None:
+        for listeners in list(self._listeners.values()):
+            for listener in list(listeners):
+                listener.fail(error)
 
 
 class ConsumerRegistry:
@@ -539,13 +699,7 @@ class ConsumerRegistry:
         older = self._active.get(key)
         if older is not None and older is not newer:
             log.info("durable consumer taken over", extra={"user_id": key[0], "consumer": key[1]})
-            older.fail(
-                Aborted(
-                    f"consumer {key[1]} was opened by a newer connection",
-                    reason="CONSUMER_TAKEN_OVER",
-                    metadata={"consumer": key[1]},
-                )
-            )
+            older.fail(consumer_taken_over(key[1]))
         self._active[key] = newer
 
     def release(self, key: ConsumerKey, subscription: Subscription) -> None:
@@ -618,11 +772,19 @@ class Subscription:
         self._dirty_runs: set[str] = set()
         self._maybe_complete: set[str] = set()
         self._ack_reports: list[AckReport] = []
+        self._resets: list[StreamReset] = []
         self._record_writes: dict[tuple[str, int], DeliveryRecord] = {}
         self._position_writes: set[str] = set()
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
         self._closed = False
+        # The generation of this subscription's claim on its durable consumer
+        # (infinite until claimed: a claim elsewhere cannot be newer yet).
+        self.claim_generation: float = math.inf
+        # Runs whose consumer state another process wrote.
+        self._changed_runs: set[str] = set()
+        # Publishes elsewhere may have gone unheard: look at every run again.
+        self._rescan = False
 
     @property
     def durable(self) -> bool:
@@ -631,6 +793,10 @@ class Subscription:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    @property
+    def ended(self) -> bool:
+        return self._closed or self._failure is not None
 
     # -- lifecycle
 
@@ -646,6 +812,11 @@ class Subscription:
                 self._check_resume(runs)
                 if self._key is not None:
                     self._consumers.take_over(self._key, self)
+                    self.claim_generation = await self._log.claim_consumer(
+                        self.user_id, self._key[1], self.subscription_id
+                    )
+                    if self.spec.run_id is None:
+                        await self._log.follow_all_runs(self.user_id, self._key[1])
                 stored = {}
                 if self._key is not None:
                     # All-runs: every position of the consumer, rather than one lookup per run.
@@ -685,6 +856,21 @@ class Subscription:
             return
         self._wake.set()
 
+    def on_signals_lost(self) -> None:
+        if self._closed:
+            return
+        self._rescan = True
+        if self._key is not None:
+            self._changed_runs.update(self._runs)
+        self._wake.set()
+
+    def on_consumer_changed(self, run_ids: Collection[str]) -> None:
+        """Another process wrote this consumer's state on these runs."""
+        if self._closed or self._key is None:
+            return
+        self._changed_runs.update(run_ids)
+        self._wake.set()
+
     async def _scope_runs(self) -> dict[str, RunInfo]:
         if self.spec.run_id is not None:
             run = (await self._log.runs([self.spec.run_id])).get(self.spec.run_id)
@@ -707,6 +893,8 @@ class Subscription:
                 reason="EPOCH_MISMATCH",
                 metadata={"run_id": run.run_id, "epoch": str(run.epoch)},
             )
+        if resume.last_acked_seq < run.trimmed_through:
+            raise events_trimmed(run, resume.last_acked_seq)
         if resume.last_acked_seq > run.last_seq:
             raise OutOfRange(
                 f"run {run.run_id} has no seq {resume.last_acked_seq} (its last is {run.last_seq})",
@@ -770,7 +958,28 @@ class Subscription:
         cursor.next_seq = max(cursor.next_seq, cursor.acked_through + 1)
         cursor.activity = self._clock.now()
         self._runs[run.run_id] = cursor
+        if cursor.acked_through < run.trimmed_through:
+            self._reset(cursor, run.trimmed_through)
         self._maybe_complete.add(run.run_id)
+
+    def _reset(self, cursor: _RunCursor, trimmed_through: int) -> None:
+        """What retention removed cannot be delivered: say so, and go on after it."""
+        for flight in list(self._in_flight.values()):
+            if flight.event.run_id == cursor.run_id and flight.event.seq <= trimmed_through:
+                del self._in_flight[flight.event.event_id]
+        for seq in [s for s in cursor.earlier_pending if s <= trimmed_through]:
+            del cursor.earlier_pending[seq]
+        cursor.acked_through = advance_watermark(
+            max(cursor.acked_through, trimmed_through), cursor.settled_above
+        )
+        cursor.next_seq = max(cursor.next_seq, cursor.acked_through + 1)
+        self._position_writes.add(cursor.run_id)
+        self._maybe_complete.add(cursor.run_id)
+        self._resets.append(StreamReset(cursor.run_id, cursor.epoch, trimmed_through))
+        log.warning(
+            "subscription reset past trimmed events",
+            extra={"user_id": self.user_id, "run_id": cursor.run_id, "trimmed_through": trimmed_through},
+        )
 
     def _settle_through(self, cursor: _RunCursor, through_seq: int) -> None:
         for seq in [s for s in cursor.earlier_pending if s <= through_seq]:
@@ -814,10 +1023,14 @@ class Subscription:
             self._ack_reports.clear()
             now = self._clock.now()
             await self._refresh_dirty_runs()
+            await self._reload_changed_runs()
             items: dict[str, list[DeliveryItem]] = defaultdict(list)
             self._expire(now, items)
             await self._fill(now, items)
             await self._flush()
+            # A reset precedes what is delivered after it.
+            outputs.extend(self._resets)
+            self._resets.clear()
             outputs.extend(self._batches(items))
             outputs.extend(self._completions())
             return outputs
@@ -838,6 +1051,11 @@ class Subscription:
             raise Aborted("the subscription is closed", reason="SUBSCRIPTION_CLOSED")
 
     async def _refresh_dirty_runs(self) -> None:
+        if self._rescan:
+            self._rescan = False
+            self._dirty_runs.update(self._runs)
+            if self.spec.run_id is None:
+                self._dirty_runs.update(run.run_id for run in await self._log.runs_of_user(self.user_id))
         if not self._dirty_runs:
             return
         run_ids, self._dirty_runs = self._dirty_runs, set()
@@ -857,6 +1075,32 @@ class Subscription:
                         run.run_id
                     )
                 self._track(run, stored, present_at_open=False)
+
+    async def _reload_changed_runs(self) -> None:
+        """Takes in what another process settled for this consumer (acks
+        without a stream): it is neither redelivered nor waited for here."""
+        if self._key is None or not self._changed_runs:
+            self._changed_runs.clear()
+            return
+        run_ids = [run_id for run_id in self._changed_runs if run_id in self._runs]
+        self._changed_runs.clear()
+        if not run_ids:
+            return
+        stored = await self._log.load_consumer(self.user_id, self._key[1], run_ids)
+        for run_id, state in stored.items():
+            cursor = self._runs[run_id]
+            through = state.position.acked_through
+            settled = {r.seq for r in state.deliveries if r.state is not DeliveryState.PENDING}
+            for flight in list(self._in_flight.values()):
+                seq = flight.event.seq
+                if flight.event.run_id == run_id and (seq <= through or seq in settled):
+                    del self._in_flight[flight.event.event_id]
+            for seq in [s for s in cursor.earlier_pending if s <= through or s in settled]:
+                del cursor.earlier_pending[seq]
+            cursor.settled_above |= settled
+            cursor.acked_through = advance_watermark(max(cursor.acked_through, through), cursor.settled_above)
+            cursor.next_seq = max(cursor.next_seq, cursor.acked_through + 1)
+            self._maybe_complete.add(run_id)
 
     def _expire(self, now: float, items: dict[str, list[DeliveryItem]]) -> None:
         due = sorted(
@@ -882,9 +1126,15 @@ class Subscription:
                 events = await self._log.read(
                     cursor.run_id, cursor.next_seq - 1, min(capacity, self._settings.batch_size)
                 )
-                if not events:
-                    cursor.next_seq = cursor.last_seq + 1  # nothing there (trimmed): do not spin
-                    break
+                if not events or events[0].seq > cursor.next_seq:
+                    # Not there: trimmed since this subscription looked.
+                    run = (await self._log.runs([cursor.run_id])).get(cursor.run_id)
+                    if run is not None and run.trimmed_through >= cursor.next_seq:
+                        self._reset(cursor, run.trimmed_through)
+                        continue
+                    if not events:
+                        cursor.next_seq = cursor.last_seq + 1  # do not spin on a hole
+                        break
                 for event in events:
                     cursor.next_seq = event.seq + 1
                     if (
@@ -1131,7 +1381,14 @@ class Subscription:
             if run_id in self._runs
         ]
         records = list(self._record_writes.values())
-        await self._log.save_consumer(self.user_id, self._key[1], positions, records)
+        try:
+            await self._log.save_consumer(
+                self.user_id, self._key[1], positions, records, holder=self.subscription_id
+            )
+        except Aborted as error:
+            # Claimed by a newer connection in another process: this one ends.
+            self.fail(error)
+            raise
         self._record_writes.clear()
         self._position_writes.clear()
 
@@ -1143,17 +1400,50 @@ class EventsDomain:
     """Publishing, subscriptions, acknowledgements and history, for one process."""
 
     def __init__(
-        self, log: EventLog, settings: DeliverySettings | None = None, clock: Clock | None = None
+        self,
+        log: EventLog,
+        settings: DeliverySettings | None = None,
+        clock: Clock | None = None,
+        retention: RetentionSettings | None = None,
     ) -> None:
         self._log = log
         self._settings = settings or DeliverySettings()
+        self._retention = retention or RetentionSettings()
         self._clock = clock or MonotonicClock()
         self._notifier = Notifier()
         self._consumers = ConsumerRegistry()
+        log.add_listener(self)
 
     @property
     def settings(self) -> DeliverySettings:
         return self._settings
+
+    # -- what other processes serving the same log did (LogListener)
+
+    def runs_appended(self, user_id: str, run_ids: Collection[str]) -> None:
+        self._notifier.notify(user_id, run_ids)
+
+    def consumer_claimed(self, key: ConsumerKey, generation: int) -> None:
+        live = self._consumers.active(key)
+        if live is not None and live.claim_generation < generation:
+            log.info("durable consumer taken over elsewhere", extra={"user_id": key[0], "consumer": key[1]})
+            live.fail(consumer_taken_over(key[1]))
+
+    def consumer_changed(self, key: ConsumerKey, run_ids: Collection[str]) -> None:
+        live = self._consumers.active(key)
+        if live is not None:
+            live.on_consumer_changed(run_ids)
+
+    def signals_lost(self) -> None:
+        self._notifier.signals_lost()
+
+    def end_subscriptions(self) -> None:
+        """Shutdown: every open stream ends (UNAVAILABLE: reconnect, elsewhere or later)."""
+        self._notifier.fail_all(
+            Unavailable(
+                "the events service is shutting down; reconnect", reason="SHUTTING_DOWN", retry_after=1.0
+            )
+        )
 
     async def publish(self, batch: Sequence[NewEvent], now: datetime) -> list[AppendResult]:
         """Stores the batch whole (or raises and stores nothing), then wakes the
@@ -1184,8 +1474,13 @@ class EventsDomain:
         key = (user_id, consumer)
         async with self._consumers.lock(key):
             live = self._consumers.active(key)
-            if live is not None:
-                return await live.acknowledge_locked(event_ids, cumulative)
+            if live is not None and not live.ended:
+                try:
+                    return await live.acknowledge_locked(event_ids, cumulative)
+                except Aborted as error:
+                    if error.reason != CONSUMER_TAKEN_OVER:
+                        raise
+                    # Its stream moved to another process: ack as if none were open here.
             return await self._acknowledge_offline(user_id, consumer, event_ids, cumulative)
 
     async def _acknowledge_offline(
@@ -1251,6 +1546,19 @@ class EventsDomain:
             await self._log.save_consumer(user_id, consumer, positions, list(changed.values()))
         return AckReport(tuple(results))
 
+    async def trim(self, now: datetime) -> dict[str, int]:
+        """One retention pass (both rules off: nothing to do)."""
+        max_age, settled_age = self._retention.max_age, self._retention.settled_age
+        if max_age is None and settled_age is None:
+            return {}
+        trimmed = await self._log.trim(
+            now - timedelta(seconds=max_age) if max_age is not None else None,
+            now - timedelta(seconds=settled_age) if settled_age is not None else None,
+        )
+        if trimmed:
+            log.info("retention trimmed runs", extra={"runs": len(trimmed)})
+        return trimmed
+
     async def visible_run(self, user_id: str, run_id: str) -> RunInfo:
         """The run, if it is the caller's: events are their owner's alone."""
         run = (await self._log.runs([run_id])).get(run_id)
@@ -1262,7 +1570,9 @@ class EventsDomain:
         self, user_id: str, run_id: str, after_seq: int, limit: int
     ) -> tuple[list[StoredEvent], bool]:
         """A page of the run's history and whether more follows."""
-        await self.visible_run(user_id, run_id)
+        run = await self.visible_run(user_id, run_id)
+        if after_seq < run.trimmed_through:
+            raise events_trimmed(run, after_seq)
         events = await self._log.read(run_id, after_seq, limit + 1)
         return events[:limit], len(events) > limit
 

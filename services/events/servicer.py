@@ -43,31 +43,47 @@ anything is sent. Then `opened`, then:
 - `run_completed`: once the run's RUN_COMPLETED event was delivered and
   settled here (a single-run subscription also hears it for a run that had
   ended before it opened).
+- `reset`: retention removed events of a run that this subscription was to
+  deliver (from where it started, or where its durable consumer stood): the
+  events through `position.last_seq` are gone and delivery goes on after it;
+  nothing is skipped silently. A durable consumer's position moves there.
 Start positions: `from_beginning`; `after_seq` (single-run only); `new_only`;
-`resume` (run, epoch, last_acked_seq: continues after that seq). Unset: a
+`resume` (run, epoch, last_acked_seq: continues after that seq; OUT_OF_RANGE
+with reason EVENTS_TRIMMED, naming `trimmed_through`, when retention already
+removed events after that seq). Unset: a
 durable consumer continues where it left off (from the beginning on runs it
 never read); an ephemeral subscription gets new events only. With `all_runs`,
 runs that begin after the subscription opened are delivered from seq 1.
 
 Durable consumers (`consumer`, scoped to the caller) keep their position per
-run in the database: a reconnect, or a restart of the service, sends nothing
+run in the log (SQL, or Redis shared by replicas): a reconnect, to this
+process or to another replica, or a restart of the service, sends nothing
 already acknowledged and skips nothing unacknowledged (deliveries left
-unacknowledged by the last connection are redelivered, their attempts
+unacknowledged by the last connection are redelivered at once, their attempts
 counted). An explicit start position applies only to runs the consumer has no
 position on yet; `resume` moves the consumer forward (it counts as an ack
 through `last_acked_seq`), never back. If a second connection opens a durable
-consumer that is already open, the newer connection takes over: the older
-stream ends with ABORTED (reason CONSUMER_TAKEN_OVER) and everything it left
+consumer that is already open, here or on another replica, the newer
+connection takes over: the older stream ends with ABORTED (reason
+CONSUMER_TAKEN_OVER), can no longer move the consumer, and everything it left
 unacknowledged is redelivered on the newer one. Ephemeral subscriptions keep
-their state in memory only.
+their state in memory only. On shutdown every stream ends with UNAVAILABLE
+(reason SHUTTING_DOWN): reconnect.
 
 Every ack or nack on the stream re-verifies the stream's token: once it is
 revoked or expired the stream ends with UNAUTHENTICATED.
 
 Acknowledge (unary) acts on a durable consumer of the caller's, whether or not
-a stream of it is open. ListEvents pages a run's history by seq (owner only).
+a stream of it is open (on another replica, that stream takes the ack in). ListEvents pages a run's history by seq (owner only).
+ListEvents after a seq that retention removed is OUT_OF_RANGE (EVENTS_TRIMMED,
+naming `trimmed_through`), not a partial page presented as complete.
 GetDeliveryStatus counts, per durable consumer of the caller's with a position
 on the run, the events delivered, acknowledged, pending and dead-lettered.
+
+Retention (SWITCHBOARD_EVENTS_RETENTION_*): events older than MAX_AGE_SECONDS
+are removed whoever has read them; events older than SETTLED_AGE_SECONDS are
+removed once every durable consumer with a position on their run settled them.
+A run keeps its owner, epoch and last seq after its events are gone.
 
 Tracing: each EventBatch sent is one `events.deliver` span, a child of the
 producing span of the batch's first event (so the first delivery of every
@@ -120,6 +136,7 @@ from services.events.domain import (
     StartKind,
     StartPosition,
     StoredEvent,
+    StreamReset,
     Subscription,
     SubscriptionSpec,
 )
@@ -332,6 +349,15 @@ def output_to_proto(output: Output) -> events_service_pb2.SubscribeResponse:
                     events_service_pb2.RunPosition(run_id=p.run_id, epoch=p.epoch, last_seq=p.last_seq)
                     for p in output.positions
                 ]
+            )
+        )
+    if isinstance(output, StreamReset):
+        return events_service_pb2.SubscribeResponse(
+            reset=events_service_pb2.StreamReset(
+                position=events_service_pb2.RunPosition(
+                    run_id=output.run_id, epoch=output.epoch, last_seq=output.trimmed_through
+                ),
+                reason=output.reason,
             )
         )
     assert isinstance(output, RunStreamCompleted)

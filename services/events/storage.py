@@ -1,8 +1,9 @@
 """The embedded event log: SQL tables behind `EventLog` (SQLite or PostgreSQL).
 
 Appends run in one transaction each: the stored state the batch depends on is
-read (runs locked with FOR UPDATE on PostgreSQL), `plan_append` decides, and
-the plan is written, or nothing is. Writes in this process are serialized (one
+read (runs first, locked with FOR UPDATE on PostgreSQL, then the events with
+the batch's ids, so that both reads agree), `plan_append` decides, and the plan
+is written, or nothing is. Writes in this process are serialized (one
 writer at a time suits SQLite and costs PostgreSQL little at this scale); a
 writer in another process that wins a race surfaces as an IntegrityError and
 the batch is simply decided again against the new state.
@@ -13,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Collection, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Column,
-    DateTime,
     Index,
     Integer,
     MetaData,
@@ -34,12 +34,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect, RowMapping
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.types import TypeDecorator
 
-from services.common.db import sessionmaker
+from services.common.db import UtcDateTime, sessionmaker
 from services.common.errors import Aborted
 from services.events.domain import (
     AppendPlan,
@@ -48,33 +47,18 @@ from services.events.domain import (
     ConsumerStatus,
     DeliveryRecord,
     DeliveryState,
+    LogListener,
     NewEvent,
     RunInfo,
     StoredEvent,
     plan_append,
+    retention_point,
 )
 
 # A batch that keeps losing races to another writer is refused after this many tries.
 APPEND_ATTEMPTS = 5
 # Bound on ids in one IN (...) list.
 IN_CHUNK = 500
-
-
-class UtcDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on both backends (SQLite keeps no zone)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 metadata = MetaData()
@@ -88,6 +72,8 @@ runs = Table(
     Column("last_seq", BigInteger, nullable=False),
     Column("completed_seq", BigInteger, nullable=True),
     Column("create_time", UtcDateTime, nullable=False),
+    # Retention removed the run's events through this seq.
+    Column("trimmed_through", BigInteger, nullable=False, server_default="0"),
     Index("ix_runs_user_id", "user_id", "create_time"),
 )
 
@@ -108,6 +94,7 @@ events = Table(
     Column("tracestate", String(512), nullable=False),
     Column("epoch", BigInteger, nullable=False),
     Column("content_hash", String(64), nullable=False),
+    Index("ix_events_create_time", "create_time"),
 )
 
 consumer_positions = Table(
@@ -137,6 +124,16 @@ consumer_deliveries = Table(
 )
 
 
+# Durable consumers that followed all of their user's runs (retention keeps
+# runs they have not read yet).
+all_runs_consumers = Table(
+    "all_runs_consumers",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("consumer", String(64), primary_key=True),
+)
+
+
 def _chunks(values: Collection[str]) -> list[list[str]]:
     items = list(dict.fromkeys(values))
     return [items[i : i + IN_CHUNK] for i in range(0, len(items), IN_CHUNK)]
@@ -149,6 +146,7 @@ def _run(row: RowMapping) -> RunInfo:
         epoch=row["epoch"],
         last_seq=row["last_seq"],
         completed_seq=row["completed_seq"],
+        trimmed_through=row["trimmed_through"],
     )
 
 
@@ -206,6 +204,12 @@ class SqlEventLog:
         self._sessions = sessionmaker(engine)
         self._write_lock = asyncio.Lock()
 
+    def add_listener(self, listener: LogListener) -> None:
+        """One process serves an SQL log: there is nobody else to hear from."""
+
+    async def claim_consumer(self, user_id: str, consumer: str, holder: str) -> int:
+        return 0  # the in-process ConsumerRegistry is the only claim
+
     def _upsert(self, table: Table) -> Any:
         dialect = self._engine.dialect.name
         return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
@@ -224,15 +228,19 @@ class SqlEventLog:
     async def _append_once(
         self, session: AsyncSession, batch: Sequence[NewEvent], now: datetime
     ) -> AppendPlan:
-        stored: dict[str, StoredEvent] = {}
-        for chunk in _chunks([e.event_id for e in batch]):
-            result = await session.execute(select(events).where(events.c.event_id.in_(chunk)))
-            stored.update((row["event_id"], _event(row)) for row in result.mappings())
+        # Runs first: once they are locked, no other writer can store events of
+        # them, so the events read next match the runs read (under READ
+        # COMMITTED each statement sees the latest commits: read the other way
+        # round, a batch committed in between looked like a taken seq).
         current: dict[str, RunInfo] = {}
         for chunk in _chunks([e.run_id for e in batch]):
             query = select(runs).where(runs.c.run_id.in_(chunk)).with_for_update()
             result = await session.execute(query)
             current.update((row["run_id"], _run(row)) for row in result.mappings())
+        stored: dict[str, StoredEvent] = {}
+        for chunk in _chunks([e.event_id for e in batch]):
+            result = await session.execute(select(events).where(events.c.event_id.in_(chunk)))
+            stored.update((row["event_id"], _event(row)) for row in result.mappings())
         plan = plan_append(batch, stored, current, now)
         for run_id, run in plan.runs.items():
             previous = plan.previous_last_seq[run_id]
@@ -336,6 +344,7 @@ class SqlEventLog:
         consumer: str,
         positions: Sequence[ConsumerPosition],
         deliveries: Sequence[DeliveryRecord],
+        holder: str | None = None,
     ) -> None:
         if not positions and not deliveries:
             return
@@ -394,6 +403,74 @@ class SqlEventLog:
                 )
                 found.extend(_record(row) for row in result.mappings())
         return found
+
+    async def trim(self, max_age_cutoff: datetime | None, settled_cutoff: datetime | None) -> dict[str, int]:
+        if max_age_cutoff is None and settled_cutoff is None:
+            return {}
+        trimmed: dict[str, int] = {}
+        async with self._write_lock, self._engine.begin() as connection:
+
+            async def first_young(cutoff: datetime | None) -> dict[str, int] | None:
+                """Per run, the first seq created at or after `cutoff` (None: rule off)."""
+                if cutoff is None:
+                    return None
+                result = await connection.execute(
+                    select(events.c.run_id, func.min(events.c.seq))
+                    .where(events.c.create_time >= cutoff)
+                    .group_by(events.c.run_id)
+                )
+                return {run_id: seq for run_id, seq in result}
+
+            young_any, young_settled = await first_young(max_age_cutoff), await first_young(settled_cutoff)
+            # Per (user, run): each consumer's position on it.
+            positions: dict[tuple[str, str], dict[str, int]] = {}
+            result = await connection.execute(
+                select(
+                    consumer_positions.c.user_id,
+                    consumer_positions.c.run_id,
+                    consumer_positions.c.consumer,
+                    consumer_positions.c.acked_through,
+                )
+            )
+            for user_id, run_id, consumer, through in result:
+                positions.setdefault((user_id, run_id), {})[consumer] = through
+            following: dict[str, set[str]] = {}
+            for user_id, consumer in await connection.execute(select(all_runs_consumers)):
+                following.setdefault(user_id, set()).add(consumer)
+            candidates = await connection.execute(
+                select(runs).where(runs.c.trimmed_through < runs.c.last_seq)
+            )
+            for row in candidates.mappings().all():
+                run = _run(row)
+
+                def older_through(young: dict[str, int] | None, run: RunInfo = run) -> int | None:
+                    if young is None:
+                        return None
+                    return young.get(run.run_id, run.last_seq + 1) - 1
+
+                held = positions.get((run.user_id, run.run_id), {})
+                lowest = min(held.values(), default=None)
+                if following.get(run.user_id, set()) - held.keys():
+                    lowest = 0  # a consumer of all the user's runs has not read this one yet
+                through = retention_point(run, older_through(young_any), older_through(young_settled), lowest)
+                if through <= run.trimmed_through:
+                    continue
+                await connection.execute(
+                    events.delete().where(events.c.run_id == run.run_id, events.c.seq <= through)
+                )
+                await connection.execute(
+                    update(runs).where(runs.c.run_id == run.run_id).values(trimmed_through=through)
+                )
+                trimmed[run.run_id] = through
+        return trimmed
+
+    async def follow_all_runs(self, user_id: str, consumer: str) -> None:
+        insert = self._upsert(all_runs_consumers)
+        async with self._write_lock, self._engine.begin() as connection:
+            await connection.execute(
+                insert.on_conflict_do_nothing(index_elements=["user_id", "consumer"]),
+                [{"user_id": user_id, "consumer": consumer}],
+            )
 
     async def delivery_status(self, user_id: str, run_id: str) -> list[ConsumerStatus]:
         def count(state: DeliveryState) -> Any:

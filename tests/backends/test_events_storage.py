@@ -1,25 +1,31 @@
-"""The events service's SQL log on SQLite and PostgreSQL: migrations, atomic
-appends under concurrency, consumer positions and delivery records."""
+"""The events service's log on every backend (SQLite, PostgreSQL, Redis): atomic
+appends under concurrency, consumer positions and delivery records, the same
+assertions on each; and the SQL log's migrations."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
-from services.common.db import create_engine, is_sqlite, migrate
+from services.common.db import create_engine, migrate
 from services.common.errors import AlreadyExists, FailedPrecondition
 from services.events.__main__ import MIGRATIONS
 from services.events.domain import (
     ConsumerPosition,
     DeliveryRecord,
     DeliveryState,
+    EventLog,
     EventType,
     NewEvent,
 )
+from services.events.redis_log import RedisEventLog
 from services.events.storage import SqlEventLog
+from tests.unit.events.backends import BACKENDS, open_event_log
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -41,20 +47,31 @@ async def new_log(url: str) -> SqlEventLog:
     return SqlEventLog(create_engine(url))
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-async def log(database_url: str) -> AsyncIterator[SqlEventLog]:
+async def log(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventLog]:
+    async with open_event_log(backend, request, tmp_path) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def sql_log(database_url: str) -> AsyncIterator[SqlEventLog]:
     store = await new_log(database_url)
     yield store
     await store._engine.dispose()
 
 
-async def test_migrations_are_idempotent(database_url: str, log: SqlEventLog) -> None:
+async def test_migrations_are_idempotent(database_url: str, sql_log: EventLog) -> None:
     await asyncio.to_thread(migrate, database_url, MIGRATIONS)  # already at head: a no-op
-    await log.append([event("r1", 1)], NOW)
-    assert (await log.runs(["r1"]))["r1"].last_seq == 1
+    await sql_log.append([event("r1", 1)], NOW)
+    assert (await sql_log.runs(["r1"]))["r1"].last_seq == 1
 
 
-async def test_events_round_trip(log: SqlEventLog) -> None:
+async def test_events_round_trip(log: EventLog) -> None:
     created = datetime(2026, 2, 1, 9, 30, tzinfo=timezone(timedelta(hours=2)))
     plan = await log.append(
         [
@@ -76,14 +93,14 @@ async def test_events_round_trip(log: SqlEventLog) -> None:
     assert [e.seq for e in await log.read("r1", 1, 1)] == [2]
 
 
-async def test_runs_of_a_user_oldest_first(log: SqlEventLog) -> None:
+async def test_runs_of_a_user_oldest_first(log: EventLog) -> None:
     await log.append([event("late", 1)], NOW + timedelta(seconds=5))
     await log.append([event("early", 1)], NOW)
     await log.append([event("other", 1, user_id="user-b")], NOW)
     assert [r.run_id for r in await log.runs_of_user("user-a")] == ["early", "late"]
 
 
-async def test_a_refused_batch_leaves_nothing_behind(log: SqlEventLog) -> None:
+async def test_a_refused_batch_leaves_nothing_behind(log: EventLog) -> None:
     await log.append([event("r1", 1)], NOW)
     with pytest.raises(FailedPrecondition):
         await log.append([event("r2", 1), event("r1", 2), event("r1", 9)], NOW)
@@ -93,7 +110,7 @@ async def test_a_refused_batch_leaves_nothing_behind(log: SqlEventLog) -> None:
     assert [e.seq for e in await log.read("r1", 0, 10)] == [1]
 
 
-async def test_concurrent_appends_keep_each_run_gapless(log: SqlEventLog) -> None:
+async def test_concurrent_appends_keep_each_run_gapless(log: EventLog) -> None:
     async def producer(run_id: str) -> None:
         for seq in range(1, 11):
             await log.append([event(run_id, seq)], NOW)
@@ -108,21 +125,39 @@ async def test_concurrent_appends_keep_each_run_gapless(log: SqlEventLog) -> Non
         assert [e.seq for e in await log.read(run_id, 0, 100)] == list(range(1, 11))
 
 
-async def test_two_writers_racing_on_one_database(database_url: str, log: SqlEventLog) -> None:
-    if is_sqlite(database_url):
-        pytest.skip("an embedded SQLite log has a single writer process")
-    other = await new_log(database_url)
+@contextlib.asynccontextmanager
+async def second_writer(log: EventLog, request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
+    """Another process's view of the same storage."""
+    if isinstance(log, RedisEventLog):
+        other_redis = RedisEventLog.from_url(request.getfixturevalue("redis_url"), log.keys.prefix)
+        try:
+            yield other_redis
+        finally:
+            await other_redis.close()
+        return
+    other_sql = SqlEventLog(create_engine(request.getfixturevalue("postgres_url")))
     try:
-        batch = [event("shared", seq) for seq in range(1, 6)]
-        results = await asyncio.gather(log.append(batch, NOW), other.append(batch, NOW))
-        flags = sorted(all(r.duplicate for r in plan.results) for plan in results)
-        assert flags == [False, True]  # one stored it, the other saw a repeat
-        assert [e.seq for e in await log.read("shared", 0, 100)] == [1, 2, 3, 4, 5]
+        yield other_sql
     finally:
-        await other._engine.dispose()
+        await other_sql._engine.dispose()
 
 
-async def test_consumer_positions_and_deliveries(log: SqlEventLog) -> None:
+async def test_two_writers_racing_on_one_store(
+    backend: str, log: EventLog, request: pytest.FixtureRequest
+) -> None:
+    if backend == "sqlite":
+        pytest.skip("an embedded SQLite log has a single writer process")
+    async with second_writer(log, request) as other:
+        for attempt in range(5):
+            run_id = f"shared-{attempt}"
+            batch = [event(run_id, seq) for seq in range(1, 6)]
+            results = await asyncio.gather(log.append(batch, NOW), other.append(batch, NOW))
+            flags = sorted(all(r.duplicate for r in plan.results) for plan in results)
+            assert flags == [False, True]  # one stored it, the other saw a repeat
+            assert [e.seq for e in await log.read(run_id, 0, 100)] == [1, 2, 3, 4, 5]
+
+
+async def test_consumer_positions_and_deliveries(log: EventLog) -> None:
     await log.append([event("r1", seq) for seq in range(1, 5)], NOW)
     await log.append([event("r2", 1)], NOW)
     pending = DeliveryState.PENDING
@@ -174,7 +209,7 @@ async def test_consumer_positions_and_deliveries(log: SqlEventLog) -> None:
     assert await log.delivery_status("user-b", "r1") == []
 
 
-async def test_the_migration_matches_the_tables(database_url: str, log: SqlEventLog) -> None:
+async def test_the_migration_matches_the_tables(database_url: str, sql_log: EventLog) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
     from sqlalchemy import create_engine as create_sync_engine

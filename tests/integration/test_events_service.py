@@ -1,13 +1,14 @@
 """The events service as a real process (`python -m services.events`) next to
-the real auth service, through generated stubs only: a service publishes, two
-users follow their own runs at once, neither can read or acknowledge the
-other's, and a durable consumer survives a restart of the service."""
+the real auth service, through generated stubs only, on the SQLite log and on
+Redis: a service publishes, two users follow their own runs at once, neither
+can read or acknowledge the other's, and a durable consumer survives a restart
+of the service."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +19,31 @@ from grpc_status import rpc_status
 from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_pb2_grpc
 
 from tests.harness.suite import Suite, start_suite
+from tests.unit.events import streams
+from tests.unit.events.backends import drop_redis_prefix, redis_environment, redis_prefix, require_redis
+from tests.unit.events.streams import RawSubscription
 
 EVENTS_PER_RUN = 6
 RUNS_PER_USER = 3
-READ_GUARD_SECONDS = 15.0  # a hang fails the test instead of stalling it; nothing is timed
 
 
-@pytest.fixture(scope="module")
-async def events_suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite]:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def events_suite(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Suite]:
+    """Auth and events as processes, with the events log on SQLite or on Redis."""
     root: Path = tmp_path_factory.mktemp("events")
-    env = {"events": {"SWITCHBOARD_EVENTS_HEARTBEAT_SECONDS": "0.5"}}
-    async with start_suite(root, services=("auth", "events"), env=env) as suite:
-        yield suite
+    env = {"SWITCHBOARD_EVENTS_HEARTBEAT_SECONDS": "0.5"}
+    prefix = ""
+    if request.param == "redis":
+        url, prefix = require_redis(), redis_prefix()
+        env.update(redis_environment(url, prefix))
+    try:
+        async with start_suite(root, services=("auth", "events"), env={"events": env}) as suite:
+            yield suite
+    finally:
+        if prefix:
+            await drop_redis_prefix(env["SWITCHBOARD_EVENTS_REDIS_URL"], prefix)
 
 
 def stub(suite: Suite) -> Any:
@@ -49,64 +63,19 @@ def reason_of(error: grpc.aio.AioRpcError) -> str:
     return ""
 
 
-def run_event(run_id: str, user_id: str, seq: int, last: int) -> event_pb2.Event:
-    kind = event_pb2.EVENT_TYPE_RUN_COMPLETED if seq == last else event_pb2.EVENT_TYPE_AGENT_THINKING
-    result = event_pb2.Event(event_id=f"{run_id}:{seq}", run_id=run_id, user_id=user_id, seq=seq, type=kind)
-    result.payload.update({"seq": seq})
-    return result
-
-
 async def publish_run(
     suite: Suite, token: str, run_id: str, user_id: str, events: int = EVENTS_PER_RUN
 ) -> None:
-    """Publishes a run a few events at a time, as the executor's relay would."""
-    for start in range(1, events + 1, 2):
-        batch = [run_event(run_id, user_id, seq, events) for seq in range(start, min(start + 2, events + 1))]
-        await stub(suite).Publish(
-            events_service_pb2.PublishRequest(events=batch), metadata=suite.metadata(token), timeout=10
-        )
-        await asyncio.sleep(0)
+    await streams.publish_run(stub(suite), suite.metadata(token), run_id, user_id, events)
 
 
-class Subscription:
-    """A Subscribe stream fed from a queue, read one response at a time."""
-
-    def __init__(self, suite: Suite, token: str, opening: events_service_pb2.SubscriptionOpen) -> None:
-        self._requests: asyncio.Queue[events_service_pb2.SubscribeRequest | None] = asyncio.Queue()
-        self._requests.put_nowait(events_service_pb2.SubscribeRequest(open=opening))
-        self.call = stub(suite).Subscribe(self._outgoing(), metadata=suite.metadata(token), timeout=60)
-
-    async def _outgoing(self) -> AsyncIterator[events_service_pb2.SubscribeRequest]:
-        while (request := await self._requests.get()) is not None:
-            yield request
-
-    def ack(self, event_ids: Sequence[str] = (), cumulative: Sequence[tuple[str, int]] = ()) -> None:
-        acks = [events_service_pb2.CumulativeAck(run_id=r, through_seq=s) for r, s in cumulative]
-        self._requests.put_nowait(
-            events_service_pb2.SubscribeRequest(
-                ack=events_service_pb2.AckRequest(event_ids=event_ids, cumulative=acks)
-            )
-        )
-
-    async def read(self) -> events_service_pb2.SubscribeResponse:
-        response = await asyncio.wait_for(self.call.read(), READ_GUARD_SECONDS)
-        assert response is not grpc.aio.EOF  # type: ignore[attr-defined]
-        return response  # type: ignore[no-any-return]
-
-    async def next(self, kind: str) -> Any:
-        while True:
-            response = await self.read()
-            if response.WhichOneof("response") == kind:
-                return getattr(response, kind)
-
-    def close(self) -> None:
-        self._requests.put_nowait(None)
-        self.call.cancel()
+def open_stream(suite: Suite, token: str, opening: events_service_pb2.SubscriptionOpen) -> RawSubscription:
+    return RawSubscription(stub(suite), suite.metadata(token), opening)
 
 
 async def follow_all_runs(suite: Suite, token: str, expected_runs: int) -> dict[str, list[event_pb2.Event]]:
     """Every run of the caller's, acknowledging as it goes, until each one completed."""
-    subscription = Subscription(
+    subscription = open_stream(
         suite,
         token,
         events_service_pb2.SubscriptionOpen(
@@ -171,7 +140,7 @@ async def test_the_other_users_run_can_be_neither_read_nor_acknowledged(events_s
         publish_run(suite, publisher, carol_run, carol_id), publish_run(suite, publisher, dave_run, dave_id)
     )
     # Carol reads her run with a durable consumer and acknowledges nothing.
-    mine = Subscription(suite, carol, events_service_pb2.SubscriptionOpen(run_id=carol_run, consumer="inbox"))
+    mine = open_stream(suite, carol, events_service_pb2.SubscriptionOpen(run_id=carol_run, consumer="inbox"))
     try:
         carol_events = [d.event for d in (await mine.next("events")).deliveries]
     finally:
@@ -181,7 +150,7 @@ async def test_the_other_users_run_can_be_neither_read_nor_acknowledged(events_s
     # To Dave, Carol's run answers exactly like a run that does not exist.
     answers = []
     for run_id in (carol_run, f"missing-{suffix}"):
-        probe = Subscription(suite, dave, events_service_pb2.SubscriptionOpen(run_id=run_id))
+        probe = open_stream(suite, dave, events_service_pb2.SubscriptionOpen(run_id=run_id))
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await probe.read()
         probe.close()
@@ -209,7 +178,7 @@ async def test_the_other_users_run_can_be_neither_read_nor_acknowledged(events_s
     # Dave acknowledges Carol's events, on his own stream and without one, with a
     # consumer of the same name: unknown to him, and nothing of Carol's moves.
     carol_ids = [e.event_id for e in carol_events]
-    theirs = Subscription(suite, dave, events_service_pb2.SubscriptionOpen(run_id=dave_run, consumer="inbox"))
+    theirs = open_stream(suite, dave, events_service_pb2.SubscriptionOpen(run_id=dave_run, consumer="inbox"))
     try:
         await theirs.next("events")
         theirs.ack(carol_ids, [(carol_run, EVENTS_PER_RUN)])
@@ -251,7 +220,7 @@ async def test_a_durable_consumer_resumes_after_a_restart(events_suite: Suite) -
     await publish_run(suite, await service_token(suite), run_id, user_id)
     opening = events_service_pb2.SubscriptionOpen(run_id=run_id, consumer="resumable")
 
-    before = Subscription(suite, token, opening)
+    before = open_stream(suite, token, opening)
     try:
         assert len((await before.next("events")).deliveries) == EVENTS_PER_RUN
         before.ack(cumulative=[(run_id, 3)])
@@ -263,7 +232,7 @@ async def test_a_durable_consumer_resumes_after_a_restart(events_suite: Suite) -
     await suite.stop("events")
     await suite.start("events")
 
-    after = Subscription(suite, token, opening)
+    after = open_stream(suite, token, opening)
     try:
         batch = await after.next("events")
         assert [(d.event.seq, d.delivery_attempt) for d in batch.deliveries] == [(4, 2), (5, 2), (6, 2)]
@@ -283,7 +252,7 @@ async def test_the_service_runs_on_postgresql(tmp_path: Path, postgres_url: str)
     ) as suite:
         user_id, token = await suite.create_user("pat")
         await publish_run(suite, await service_token(suite), "pg-run", user_id)
-        subscription = Subscription(
+        subscription = open_stream(
             suite, token, events_service_pb2.SubscriptionOpen(run_id="pg-run", consumer="pg")
         )
         try:

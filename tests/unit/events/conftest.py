@@ -1,27 +1,30 @@
-"""Fixtures for the events service's unit tests: a migrated SQLite log, a fake clock."""
+"""Fixtures for the events service's unit tests: the log on every backend, a fake clock."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from services.common.db import create_engine, migrate
-from services.events.__main__ import MIGRATIONS
-from services.events.domain import DeliverySettings, EventsDomain
+from services.events.domain import DeliverySettings, EventLog, EventsDomain
 from services.events.storage import SqlEventLog
+from tests.unit.events.backends import BACKENDS, open_event_log, sql_log
 from tests.unit.events.helpers import FakeClock
 
 
+@pytest.fixture(params=BACKENDS)
+async def log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventLog]:
+    """The same domain tests run on SQLite, PostgreSQL and Redis."""
+    async with open_event_log(request.param, request, tmp_path) as opened:
+        yield opened
+
+
 @pytest.fixture
-async def log(tmp_path: Path) -> AsyncIterator[SqlEventLog]:
-    url = f"sqlite:///{tmp_path / 'events.db'}"
-    await asyncio.to_thread(migrate, url, MIGRATIONS)
-    engine = create_engine(url)
-    yield SqlEventLog(engine)
-    await engine.dispose()
+async def sqlite_log(tmp_path: Path) -> AsyncIterator[SqlEventLog]:
+    """For tests of what sits above the log (the servicer): one backend is enough."""
+    async with sql_log(f"sqlite:///{tmp_path / 'events.db'}") as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -35,5 +38,5 @@ def settings() -> DeliverySettings:
 
 
 @pytest.fixture
-def domain(log: SqlEventLog, settings: DeliverySettings, clock: FakeClock) -> EventsDomain:
+def domain(log: EventLog, settings: DeliverySettings, clock: FakeClock) -> EventsDomain:
     return EventsDomain(log, settings, clock)

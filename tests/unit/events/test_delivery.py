@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from services.common.errors import Aborted, NotFound
+from services.common.errors import Aborted, NotFound, Unavailable
 from services.events.domain import (
     CumulativeAck,
     EventsDomain,
@@ -256,3 +256,16 @@ async def test_the_stream_is_woken_by_publishes_and_acks_not_by_a_timer(domain: 
         assert [o.name for o in outcomes(woken)] == ["ACCEPTED"] and seqs(woken) == [2]
     finally:
         await stream.aclose()
+
+
+async def test_shutdown_ends_every_stream_with_unavailable(domain: EventsDomain) -> None:
+    run_id = await publish_run(domain, 1)
+    subscriptions = [
+        await domain.subscribe("user-a", one_run(run_id)),
+        await domain.subscribe("user-b", SubscriptionSpec(None)),
+    ]
+    domain.end_subscriptions()
+    for subscription in subscriptions:
+        with pytest.raises(Unavailable) as ended:
+            await subscription.step()
+        assert ended.value.reason == "SHUTTING_DOWN"

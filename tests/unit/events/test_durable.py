@@ -9,13 +9,13 @@ from services.common.errors import Aborted, NotFound, OutOfRange
 from services.events.domain import (
     CumulativeAck,
     DeliverySettings,
+    EventLog,
     EventsDomain,
     ResumePoint,
     StartKind,
     StartPosition,
     SubscriptionSpec,
 )
-from services.events.storage import SqlEventLog
 from tests.unit.events.helpers import (
     NOW,
     FakeClock,
@@ -48,7 +48,7 @@ async def test_a_reconnect_sends_nothing_acknowledged_and_skips_nothing_unacknow
     assert delivered(await second.step()) == [(run_id, 2, 2), (run_id, 4, 2), (run_id, 5, 1)]
 
 
-async def test_positions_survive_a_restart(log: SqlEventLog, clock: FakeClock) -> None:
+async def test_positions_survive_a_restart(log: EventLog, clock: FakeClock) -> None:
     before = EventsDomain(log, DeliverySettings(), clock)
     run_id = await publish_run(before, 3)
     subscription = await before.subscribe("user-a", durable(None))

@@ -7,12 +7,11 @@ import dataclasses
 import pytest
 
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from services.events.domain import EventsDomain, EventType, plan_append
-from services.events.storage import SqlEventLog
+from services.events.domain import EventLog, EventsDomain, EventType, plan_append
 from tests.unit.events.helpers import NOW, new_event, run_events
 
 
-async def test_a_run_starts_at_seq_1_and_grows_one_by_one(domain: EventsDomain, log: SqlEventLog) -> None:
+async def test_a_run_starts_at_seq_1_and_grows_one_by_one(domain: EventsDomain, log: EventLog) -> None:
     results = await domain.publish(run_events("r1", 3), NOW)
     assert [(r.seq, r.duplicate) for r in results] == [(1, False), (2, False), (3, False)]
     await domain.publish([new_event("r1", 4)], NOW)
@@ -21,7 +20,7 @@ async def test_a_run_starts_at_seq_1_and_grows_one_by_one(domain: EventsDomain, 
     assert (run.user_id, run.last_seq, run.completed_seq) == ("user-a", 4, None)
 
 
-async def test_the_first_event_of_a_run_must_be_seq_1(domain: EventsDomain, log: SqlEventLog) -> None:
+async def test_the_first_event_of_a_run_must_be_seq_1(domain: EventsDomain, log: EventLog) -> None:
     with pytest.raises(FailedPrecondition) as raised:
         await domain.publish([new_event("r1", 2)], NOW)
     assert raised.value.reason == "SEQUENCE_GAP"
@@ -31,7 +30,7 @@ async def test_the_first_event_of_a_run_must_be_seq_1(domain: EventsDomain, log:
 
 
 async def test_a_gap_is_refused_naming_the_run_and_the_expected_seq(
-    domain: EventsDomain, log: SqlEventLog
+    domain: EventsDomain, log: EventLog
 ) -> None:
     await domain.publish(run_events("r1", 2), NOW)
     with pytest.raises(FailedPrecondition) as raised:
@@ -42,7 +41,7 @@ async def test_a_gap_is_refused_naming_the_run_and_the_expected_seq(
     assert (await log.runs(["r1"]))["r1"].last_seq == 2
 
 
-async def test_a_repeat_returns_the_original_position(domain: EventsDomain, log: SqlEventLog) -> None:
+async def test_a_repeat_returns_the_original_position(domain: EventsDomain, log: EventLog) -> None:
     await domain.publish(run_events("r1", 3), NOW)
     again = await domain.publish([new_event("r1", 2), new_event("r1", 4)], NOW)
     assert [(r.event_id, r.seq, r.duplicate) for r in again] == [("r1-2", 2, True), ("r1-4", 4, False)]
@@ -56,7 +55,7 @@ async def test_a_repeat_within_one_batch_is_a_duplicate(domain: EventsDomain) ->
 
 
 async def test_the_same_event_id_with_other_content_is_a_conflict(
-    domain: EventsDomain, log: SqlEventLog
+    domain: EventsDomain, log: EventLog
 ) -> None:
     await domain.publish(run_events("r1", 2), NOW)
     changed = dataclasses.replace(new_event("r1", 2), payload={"n": "different"})
@@ -73,7 +72,7 @@ async def test_the_same_seq_with_another_event_id_is_refused(domain: EventsDomai
     assert raised.value.reason == "SEQUENCE_TAKEN"
 
 
-async def test_a_batch_is_stored_whole_or_not_at_all(domain: EventsDomain, log: SqlEventLog) -> None:
+async def test_a_batch_is_stored_whole_or_not_at_all(domain: EventsDomain, log: EventLog) -> None:
     await domain.publish(run_events("r1", 1), NOW)
     batch = [new_event("r2", 1), new_event("r1", 2), new_event("r1", 4)]
     with pytest.raises(FailedPrecondition):
@@ -82,7 +81,7 @@ async def test_a_batch_is_stored_whole_or_not_at_all(domain: EventsDomain, log: 
     assert [e.seq for e in await log.read("r1", 0, 10)] == [1]
 
 
-async def test_the_first_event_fixes_the_owner(domain: EventsDomain, log: SqlEventLog) -> None:
+async def test_the_first_event_fixes_the_owner(domain: EventsDomain, log: EventLog) -> None:
     await domain.publish(run_events("r1", 1, user_id="user-a"), NOW)
     with pytest.raises(InvalidArgument) as raised:
         await domain.publish([new_event("r1", 2, user_id="user-b")], NOW)
@@ -91,14 +90,14 @@ async def test_the_first_event_fixes_the_owner(domain: EventsDomain, log: SqlEve
     assert (await log.runs(["r1"]))["r1"].user_id == "user-a"
 
 
-async def test_each_run_gets_an_epoch_stamped_on_its_events(domain: EventsDomain, log: SqlEventLog) -> None:
+async def test_each_run_gets_an_epoch_stamped_on_its_events(domain: EventsDomain, log: EventLog) -> None:
     await domain.publish(run_events("r1", 2), NOW)
     run = (await log.runs(["r1"]))["r1"]
     assert run.epoch == int(NOW.timestamp() * 1000)
     assert {e.epoch for e in await log.read("r1", 0, 10)} == {run.epoch}
 
 
-async def test_run_completed_ends_the_stream(domain: EventsDomain, log: SqlEventLog) -> None:
+async def test_run_completed_ends_the_stream(domain: EventsDomain, log: EventLog) -> None:
     await domain.publish(run_events("r1", 2, completed=True), NOW)
     assert (await log.runs(["r1"]))["r1"].completed_seq == 3
     with pytest.raises(FailedPrecondition) as raised:
@@ -106,7 +105,7 @@ async def test_run_completed_ends_the_stream(domain: EventsDomain, log: SqlEvent
     assert raised.value.reason == "RUN_ALREADY_COMPLETED"
 
 
-async def test_stored_events_keep_what_the_producer_said(domain: EventsDomain, log: SqlEventLog) -> None:
+async def test_stored_events_keep_what_the_producer_said(domain: EventsDomain, log: EventLog) -> None:
     event = new_event(
         "r1",
         1,

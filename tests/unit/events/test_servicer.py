@@ -47,13 +47,13 @@ class Server:
 
 
 @pytest.fixture
-async def server(log: SqlEventLog) -> AsyncIterator[Server]:
+async def server(sqlite_log: SqlEventLog) -> AsyncIterator[Server]:
     keys, revocations = Keys(), Revocations()
     kid = keys.add()
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    domain = EventsDomain(log, DeliverySettings(max_delivery_attempts=3, heartbeat_seconds=0.2))
+    domain = EventsDomain(sqlite_log, DeliverySettings(max_delivery_attempts=3, heartbeat_seconds=0.2))
     verifier = TokenVerifier(keys, revocations, ISSUER, AUDIENCE)
     servicer = EventsServicer(domain, verifier, tracer_provider=provider)
 
