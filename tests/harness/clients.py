@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_pb2_grpc
 from switchboard.executor.v1 import executor_service_pb2, executor_service_pb2_grpc, run_pb2
 
@@ -87,3 +87,25 @@ async def subscribe_run(
         await requests.put(None)
         call.cancel()
     return events
+
+
+def plain(value: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain Python values (numbers are floats)."""
+    result: dict[str, Any] = json_format.MessageToDict(value)
+    return result
+
+
+async def get_run(suite: Suite, token: str, run_id: str) -> run_pb2.Run:
+    response = await executor_stub(suite).GetRun(
+        executor_service_pb2.GetRunRequest(run_id=run_id), metadata=metadata(token), timeout=10
+    )
+    return response.run
+
+
+async def finished_run(suite: Suite, token: str, run_id: str, patience: float = 60.0) -> run_pb2.Run:
+    """The run once it has ended; fails the test if it has not within `patience` seconds."""
+    request = executor_service_pb2.WaitRunRequest(run_id=run_id)
+    request.timeout.seconds = int(patience) - 10
+    response = await executor_stub(suite).WaitRun(request, metadata=metadata(token), timeout=patience)
+    assert response.done, response.run
+    return response.run

@@ -11,21 +11,30 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import datetime
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, field_mask_pb2, json_format, struct_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from google.rpc import error_details_pb2
 from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_pb2_grpc
-from switchboard.executor.v1 import executor_service_pb2, executor_service_pb2_grpc, run_pb2
+from switchboard.executor.v1 import executor_service_pb2, run_pb2
 from switchboard.registry.v1 import agent_pb2, registry_service_pb2, registry_service_pb2_grpc
 
+from tests.harness.clients import executor_stub as executor
+from tests.harness.clients import finished_run, plain, struct
+from tests.harness.clients import get_run as get
 from tests.harness.suite import Suite, free_port, start_suite
 
 PATIENCE_SECONDS = 60.0
+
+
+def finished(suite: Suite, token: str, run_id: str) -> Coroutine[Any, Any, run_pb2.Run]:
+    return finished_run(suite, token, run_id, PATIENCE_SECONDS)
+
+
 BREAKER_THRESHOLD = 5
 
 
@@ -56,22 +65,6 @@ async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite
             ["heartbeat_timeout", "retry_policy"],
         )
         yield running
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    result = struct_pb2.Struct()
-    result.update(value)
-    return result
-
-
-def plain(value: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as plain Python values (numbers are floats)."""
-    result: dict[str, Any] = json_format.MessageToDict(value)
-    return result
-
-
-def executor(suite: Suite) -> Any:
-    return executor_service_pb2_grpc.ExecutorServiceStub(suite.channel("executor"))
 
 
 def registry(suite: Suite) -> Any:
@@ -106,23 +99,6 @@ async def start(suite: Suite, token: str, agent: str, input: dict[str, Any]) -> 
         metadata=suite.metadata(token),
         timeout=30,
     )
-    return response.run
-
-
-async def get(suite: Suite, token: str, run_id: str) -> run_pb2.Run:
-    response = await executor(suite).GetRun(
-        executor_service_pb2.GetRunRequest(run_id=run_id), metadata=suite.metadata(token), timeout=10
-    )
-    return response.run
-
-
-async def finished(suite: Suite, token: str, run_id: str) -> run_pb2.Run:
-    response = await executor(suite).WaitRun(
-        executor_service_pb2.WaitRunRequest(run_id=run_id, timeout=duration_pb2.Duration(seconds=50)),
-        metadata=suite.metadata(token),
-        timeout=PATIENCE_SECONDS,
-    )
-    assert response.done, response.run
     return response.run
 
 

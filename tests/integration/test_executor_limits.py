@@ -14,18 +14,26 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 import pytest
-from google.protobuf import duration_pb2, field_mask_pb2, json_format, struct_pb2
+from google.protobuf import field_mask_pb2
 from switchboard.auth.v1 import auth_service_pb2, user_pb2
-from switchboard.executor.v1 import executor_service_pb2, executor_service_pb2_grpc, run_pb2
+from switchboard.executor.v1 import executor_service_pb2, run_pb2
 from switchboard.registry.v1 import agent_pb2, registry_service_pb2, registry_service_pb2_grpc
 
+from tests.harness.clients import executor_stub as executor
+from tests.harness.clients import finished_run, plain, struct
 from tests.harness.suite import TEST_PASSWORD, Suite, start_suite
 
 PATIENCE_SECONDS = 90.0
+
+
+def finished(suite: Suite, token: str, run_id: str) -> Coroutine[Any, Any, run_pb2.Run]:
+    return finished_run(suite, token, run_id, PATIENCE_SECONDS)
+
+
 PER_USER = 2
 CHAOS_LIMIT = 4
 # The executor's agent cache keeps a definition at most this long.
@@ -38,22 +46,6 @@ async def suite(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Suite
         # Before any run, so the executor's agent cache starts with this limit.
         await set_chaos_limit(running, CHAOS_LIMIT)
         yield running
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    result = struct_pb2.Struct()
-    result.update(value)
-    return result
-
-
-def plain(value: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as plain Python values (numbers are floats)."""
-    result: dict[str, Any] = json_format.MessageToDict(value)
-    return result
-
-
-def executor(suite: Suite) -> Any:
-    return executor_service_pb2_grpc.ExecutorServiceStub(suite.channel("executor"))
 
 
 async def set_chaos_limit(suite: Suite, limit: int) -> None:
@@ -91,16 +83,6 @@ async def start(suite: Suite, token: str, input: dict[str, Any]) -> run_pb2.Run:
         metadata=suite.metadata(token),
         timeout=30,
     )
-    return response.run
-
-
-async def finished(suite: Suite, token: str, run_id: str) -> run_pb2.Run:
-    response = await executor(suite).WaitRun(
-        executor_service_pb2.WaitRunRequest(run_id=run_id, timeout=duration_pb2.Duration(seconds=80)),
-        metadata=suite.metadata(token),
-        timeout=PATIENCE_SECONDS,
-    )
-    assert response.done, response.run
     return response.run
 
 

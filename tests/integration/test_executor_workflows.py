@@ -7,34 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_pb2_grpc
-from switchboard.executor.v1 import executor_service_pb2, executor_service_pb2_grpc, run_pb2
+from switchboard.executor.v1 import executor_service_pb2, run_pb2
 
+from tests.harness.clients import executor_stub as executor
+from tests.harness.clients import finished_run, plain, struct
+from tests.harness.clients import get_run as get
 from tests.harness.suite import Suite
 
 PATIENCE_SECONDS = 60.0
 
 
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    result = struct_pb2.Struct()
-    result.update(value)
-    return result
-
-
-def plain(value: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as plain Python values (numbers are floats)."""
-    result: dict[str, Any] = json_format.MessageToDict(value)
-    return result
-
-
-def executor(suite: Suite) -> Any:
-    return executor_service_pb2_grpc.ExecutorServiceStub(suite.channel("executor"))
+def finished(suite: Suite, token: str, run_id: str) -> Coroutine[Any, Any, run_pb2.Run]:
+    return finished_run(suite, token, run_id, PATIENCE_SECONDS)
 
 
 def step(
@@ -53,23 +44,6 @@ async def start(suite: Suite, token: str, *steps: run_pb2.WorkflowStep, **fields
         metadata=suite.metadata(token),
         timeout=30,
     )
-    return response.run
-
-
-async def get(suite: Suite, token: str, run_id: str) -> run_pb2.Run:
-    response = await executor(suite).GetRun(
-        executor_service_pb2.GetRunRequest(run_id=run_id), metadata=suite.metadata(token), timeout=10
-    )
-    return response.run
-
-
-async def finished(suite: Suite, token: str, run_id: str) -> run_pb2.Run:
-    response = await executor(suite).WaitRun(
-        executor_service_pb2.WaitRunRequest(run_id=run_id, timeout=duration_pb2.Duration(seconds=50)),
-        metadata=suite.metadata(token),
-        timeout=PATIENCE_SECONDS,
-    )
-    assert response.done, response.run
     return response.run
 
 
