@@ -3,6 +3,8 @@ trace, and every event carries the context of the span that produced it."""
 
 from __future__ import annotations
 
+import asyncio
+
 from opentelemetry import trace
 
 from services.common.tracing import context_from_carrier
@@ -24,6 +26,11 @@ async def test_the_run_continues_the_trace_of_its_start_run_span(make_rig: RigFa
     events = await rig.published(run.run_id, 7)
 
     assert run.trace_id == format(start_span.trace_id, "032x")
+    # WaitRun wakes on the terminal state; the run's task ends its span right after.
+    for _ in range(500):
+        if any(s.name == "executor.run" for s in rig.exporter.get_finished_spans()):
+            break
+        await asyncio.sleep(0.01)
     spans = {
         s.name: s for s in rig.exporter.get_finished_spans() if s.context.trace_id == start_span.trace_id
     }
