@@ -228,12 +228,21 @@ def _row(cls: Any, row: Any) -> Any:
     return cls(**{name: row._mapping[name] for name in cls.__slots__})
 
 
+def _columns(record: Any) -> dict[str, Any]:
+    """A row dataclass as column values: its fields are named as the columns."""
+    return {name: getattr(record, name) for name in record.__slots__}
+
+
 class Transaction:
     """The queries of one database transaction."""
 
     def __init__(self, session: AsyncSession, postgres: bool) -> None:
         self._session = session
         self._postgres = postgres
+
+    async def _first(self, cls: Any, query: Any) -> Any:
+        row = (await self._session.execute(query)).first()
+        return _row(cls, row) if row else None
 
     async def _lock_table(self, table: Table) -> None:
         # PostgreSQL only: serialises writers of `table` until commit (readers
@@ -244,20 +253,15 @@ class Transaction:
     # --- users ---------------------------------------------------------------
 
     async def get_user(self, user_id: str) -> UserRow | None:
-        row = (await self._session.execute(select(users).where(users.c.id == user_id))).first()
-        return _row(UserRow, row) if row else None
+        return await self._first(UserRow, select(users).where(users.c.id == user_id))
 
     async def get_user_by_username(self, username: str) -> UserRow | None:
-        row = (await self._session.execute(select(users).where(users.c.username == username))).first()
-        return _row(UserRow, row) if row else None
+        return await self._first(UserRow, select(users).where(users.c.username == username))
 
     async def find_user_by_request(self, created_by: str, request_id: str) -> UserRow | None:
-        row = (
-            await self._session.execute(
-                select(users).where(users.c.created_by == created_by, users.c.request_id == request_id)
-            )
-        ).first()
-        return _row(UserRow, row) if row else None
+        return await self._first(
+            UserRow, select(users).where(users.c.created_by == created_by, users.c.request_id == request_id)
+        )
 
     async def admin_exists(self) -> bool:
         found = await self._session.execute(select(users.c.id).where(users.c.role == "admin").limit(1))
@@ -284,31 +288,16 @@ class Transaction:
     # --- API keys ------------------------------------------------------------
 
     async def insert_api_key(self, key: ApiKeyRow) -> None:
-        await self._session.execute(
-            insert(api_keys).values(
-                id=key.id,
-                user_id=key.user_id,
-                display_name=key.display_name,
-                secret_hash=key.secret_hash,
-                created_at=key.created_at,
-                expires_at=key.expires_at,
-                revoked_at=key.revoked_at,
-                last_used_at=key.last_used_at,
-                request_id=key.request_id,
-            )
-        )
+        await self._session.execute(insert(api_keys).values(_columns(key)))
 
     async def get_api_key(self, api_key_id: str) -> ApiKeyRow | None:
-        row = (await self._session.execute(select(api_keys).where(api_keys.c.id == api_key_id))).first()
-        return _row(ApiKeyRow, row) if row else None
+        return await self._first(ApiKeyRow, select(api_keys).where(api_keys.c.id == api_key_id))
 
     async def find_api_key_by_request(self, user_id: str, request_id: str) -> ApiKeyRow | None:
-        row = (
-            await self._session.execute(
-                select(api_keys).where(api_keys.c.user_id == user_id, api_keys.c.request_id == request_id)
-            )
-        ).first()
-        return _row(ApiKeyRow, row) if row else None
+        return await self._first(
+            ApiKeyRow,
+            select(api_keys).where(api_keys.c.user_id == user_id, api_keys.c.request_id == request_id),
+        )
 
     async def list_api_keys(
         self, user_id: str, after: tuple[datetime, str] | None, limit: int
@@ -340,16 +329,7 @@ class Transaction:
     # --- sessions and refresh tokens -----------------------------------------
 
     async def insert_session(self, session: SessionRow) -> None:
-        await self._session.execute(
-            insert(sessions).values(
-                id=session.id,
-                user_id=session.user_id,
-                api_key_id=session.api_key_id,
-                created_at=session.created_at,
-                expires_at=session.expires_at,
-                revoked_at=session.revoked_at,
-            )
-        )
+        await self._session.execute(insert(sessions).values(_columns(session)))
 
     async def get_session(self, session_id: str, *, for_update: bool = False) -> SessionRow | None:
         """With `for_update`, refreshes and revocations of the session serialise
@@ -385,25 +365,12 @@ class Transaction:
         )
 
     async def insert_refresh_token(self, token: RefreshTokenRow) -> None:
-        await self._session.execute(
-            insert(refresh_tokens).values(
-                token_hash=token.token_hash,
-                session_id=token.session_id,
-                user_id=token.user_id,
-                created_at=token.created_at,
-                expires_at=token.expires_at,
-                spent_at=token.spent_at,
-                revoked_at=token.revoked_at,
-            )
-        )
+        await self._session.execute(insert(refresh_tokens).values(_columns(token)))
 
     async def get_refresh_token(self, token_hash: str) -> RefreshTokenRow | None:
-        row = (
-            await self._session.execute(
-                select(refresh_tokens).where(refresh_tokens.c.token_hash == token_hash)
-            )
-        ).first()
-        return _row(RefreshTokenRow, row) if row else None
+        return await self._first(
+            RefreshTokenRow, select(refresh_tokens).where(refresh_tokens.c.token_hash == token_hash)
+        )
 
     async def spend_refresh_token(self, token_hash: str, now: datetime) -> bool:
         """True when this call spent the token; False when it was spent or revoked already."""
@@ -470,16 +437,7 @@ class Transaction:
         return [_row(SigningKeyRow, row) for row in await self._session.execute(query)]
 
     async def insert_signing_key(self, key: SigningKeyRow) -> None:
-        await self._session.execute(
-            insert(signing_keys).values(
-                kid=key.kid,
-                private_key=key.private_key,
-                public_x=key.public_x,
-                created_at=key.created_at,
-                retired_at=key.retired_at,
-                verify_until=key.verify_until,
-            )
-        )
+        await self._session.execute(insert(signing_keys).values(_columns(key)))
 
     async def retire_signing_keys(self, now: datetime, verify_until: datetime) -> None:
         """Retires every key still signing."""
