@@ -2,8 +2,9 @@
 
 On first start it generates the admin password and the service accounts'
 credentials, keeps them in `<data dir>/credentials.json` (mode 0600) and says
-where they are. Ctrl-C stops every service gracefully (SIGTERM: in-flight RPCs
-finish, streams end). The test harness starts services through the same code.
+where they are, and where each service serves its Prometheus metrics. Ctrl-C
+stops every service gracefully (SIGTERM: in-flight RPCs finish, streams end).
+The test harness starts services through the same code.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.config import DEFAULT_METRICS_PORTS
 from services.common.server import SUPERVISOR_PID_VARIABLE
 
 # Start order matters only for auth: everything else verifies tokens against it.
@@ -83,9 +85,15 @@ class SuiteLayout:
     data_dir: Path
     ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     host: str = "127.0.0.1"
+    # Prometheus metrics ports; a service not listed (or 0) serves no metrics.
+    metrics_ports: Mapping[str, int] = field(default_factory=dict)
 
     def address(self, service: str) -> str:
         return f"{self.host}:{self.ports[service]}"
+
+    def metrics_url(self, service: str) -> str | None:
+        port = self.metrics_ports.get(service, 0)
+        return f"http://{self.host}:{port}/metrics" if port else None
 
 
 def service_environment(
@@ -104,6 +112,8 @@ def service_environment(
             f"{prefix}PORT": str(layout.ports[service]),
             f"{prefix}DATA_DIR": str(layout.data_dir),
             f"{prefix}AUTH_ADDRESS": layout.address("auth"),
+            f"{prefix}METRICS_HOST": layout.host,
+            f"{prefix}METRICS_PORT": str(layout.metrics_ports.get(service, 0)),
         }
     )
     if service == "auth":
@@ -197,20 +207,24 @@ async def start_services(processes: Sequence[ServiceProcess], timeout: float = 6
         await asyncio.gather(*(process.wait_serving(timeout) for process in group))
 
 
-def ports_from_environment() -> dict[str, int]:
-    """DESIGN.md's ports, unless `SWITCHBOARD_<SVC>_PORT` says otherwise."""
+def ports_from_environment(
+    setting: str = "PORT", defaults: Mapping[str, int] = DEFAULT_PORTS
+) -> dict[str, int]:
+    """DESIGN.md's ports, unless `SWITCHBOARD_<SVC>_PORT` says otherwise; with
+    `setting="METRICS_PORT"` and DEFAULT_METRICS_PORTS, the metrics ports (0: off)."""
+    lowest = 1 if setting == "PORT" else 0
     ports = {}
-    for service, default in DEFAULT_PORTS.items():
-        name = f"SWITCHBOARD_{service.upper()}_PORT"
+    for service, default in defaults.items():
+        name = f"SWITCHBOARD_{service.upper()}_{setting}"
         value = os.environ.get(name, str(default))
-        if not value.isdigit() or not 0 < int(value) < 65536:
+        if not value.isdigit() or not lowest <= int(value) < 65536:
             raise SystemExit(f"invalid configuration: {name}={value!r} is not a TCP port")
         ports[service] = int(value)
     return ports
 
 
-async def _main(data_dir: Path, ports: Mapping[str, int]) -> int:
-    layout = SuiteLayout(data_dir=data_dir, ports=ports)
+async def _main(data_dir: Path, ports: Mapping[str, int], metrics_ports: Mapping[str, int]) -> int:
+    layout = SuiteLayout(data_dir=data_dir, ports=ports, metrics_ports=metrics_ports)
     credentials_path = data_dir / "credentials.json"
     credentials, created = Credentials.load_or_create(credentials_path)
     processes = [
@@ -229,7 +243,9 @@ async def _main(data_dir: Path, ports: Mapping[str, int]) -> int:
         return 1
     print("\nSwitchboard is up:", flush=True)
     for service in sorted(SERVICES, key=lambda s: layout.ports[s]):
-        print(f"  {service:<9} {layout.address(service)}")
+        metrics_url = layout.metrics_url(service)
+        metrics = f"   metrics {metrics_url}" if metrics_url else ""
+        print(f"  {service:<9} {layout.address(service):<21}{metrics}")
     print(f"\nStorage: {data_dir}")
     state = "generated" if created else "kept"
     print(f"Admin and service credentials ({state}): {credentials_path} (mode 0600)")
@@ -245,7 +261,9 @@ async def _main(data_dir: Path, ports: Mapping[str, int]) -> int:
 
 def main() -> None:
     data_dir = Path(os.environ.get("SWITCHBOARD_DATA_DIR", ".switchboard")).resolve()
-    raise SystemExit(asyncio.run(_main(data_dir, ports_from_environment())))
+    ports = ports_from_environment()
+    metrics_ports = ports_from_environment("METRICS_PORT", DEFAULT_METRICS_PORTS)
+    raise SystemExit(asyncio.run(_main(data_dir, ports, metrics_ports)))
 
 
 if __name__ == "__main__":

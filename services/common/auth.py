@@ -18,9 +18,11 @@ from typing import Protocol
 
 import grpc
 import jwt
+from opentelemetry.metrics import MeterProvider
 from switchboard.auth.v1 import auth_service_pb2, auth_service_pb2_grpc, token_pb2
 
 from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.metrics import TokenVerificationMetrics
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +75,48 @@ def jwk_from_proto(key: token_pb2.JsonWebKey) -> jwt.PyJWK:
 
 
 class TokenVerifier:
-    def __init__(self, keys: KeySource, revocations: RevocationSource, issuer: str, audience: str) -> None:
+    """Verifies access tokens locally; every refusal is counted by reason
+    (`switchboard.token.verification.failures`, see services.common.metrics)."""
+
+    def __init__(
+        self,
+        keys: KeySource,
+        revocations: RevocationSource,
+        issuer: str,
+        audience: str,
+        *,
+        meter_provider: MeterProvider | None = None,
+    ) -> None:
         self._keys = keys
         self._revocations = revocations
         self._issuer = issuer
         self._audience = audience
+        self._metrics = TokenVerificationMetrics(meter_provider)
+
+    def _refuse(self, reason: str, message: str, error_reason: str = "TOKEN_INVALID") -> Unauthenticated:
+        self._metrics.failed(reason)
+        return Unauthenticated(message, reason=error_reason)
+
+    async def verify_metadata(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> Principal:
+        """The principal of a call's `authorization: Bearer <token>` metadata."""
+        try:
+            token = bearer_token(metadata)
+        except Unauthenticated as exc:
+            self._metrics.failed("missing" if exc.reason == "TOKEN_MISSING" else "malformed")
+            raise
+        return await self.verify(token)
 
     async def verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
-            raise Unauthenticated("the access token is malformed", reason="TOKEN_INVALID") from None
+            raise self._refuse("malformed", "the access token is malformed") from None
         kid = header.get("kid")
         if not isinstance(kid, str) or header.get("alg") != ALGORITHM:
-            raise Unauthenticated("the access token is malformed", reason="TOKEN_INVALID")
+            raise self._refuse("malformed", "the access token is malformed")
         key = await self._keys.key(kid)
         if key is None:
-            raise Unauthenticated("the access token was not signed by a known key", reason="TOKEN_INVALID")
+            raise self._refuse("unknown_kid", "the access token was not signed by a known key")
         try:
             claims = jwt.decode(
                 token,
@@ -101,9 +128,13 @@ class TokenVerifier:
                 options={"require": ["exp", "iat", "sub", "jti", "iss", "aud"]},
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("the access token has expired", reason="TOKEN_EXPIRED") from None
+            raise self._refuse("expired", "the access token has expired", "TOKEN_EXPIRED") from None
+        except jwt.InvalidSignatureError:
+            raise self._refuse("bad_signature", "the access token is invalid") from None
+        except jwt.DecodeError:
+            raise self._refuse("malformed", "the access token is invalid") from None
         except jwt.InvalidTokenError:
-            raise Unauthenticated("the access token is invalid", reason="TOKEN_INVALID") from None
+            raise self._refuse("invalid_claims", "the access token is invalid") from None
         try:
             principal = Principal(
                 user_id=str(claims["sub"]),
@@ -114,9 +145,9 @@ class TokenVerifier:
                 expires_at=float(claims["exp"]),
             )
         except ValueError:
-            raise Unauthenticated("the access token is invalid", reason="TOKEN_INVALID") from None
+            raise self._refuse("invalid_claims", "the access token is invalid") from None
         if self._revocations.is_revoked(principal.token_id, principal.session_id):
-            raise Unauthenticated("the access token has been revoked", reason="TOKEN_REVOKED")
+            raise self._refuse("revoked", "the access token has been revoked", "TOKEN_REVOKED")
         return principal
 
 

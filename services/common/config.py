@@ -18,6 +18,16 @@ ConfigT = TypeVar("ConfigT", bound="ServiceConfig")
 
 MIB = 1024 * 1024
 
+# Where each service serves its Prometheus metrics unless SWITCHBOARD_<SVC>_METRICS_PORT
+# says otherwise: DESIGN.md's gRPC ports' order, clear of them (0 turns metrics off).
+DEFAULT_METRICS_PORTS: dict[str, int] = {
+    "auth": 9151,
+    "registry": 9152,
+    "executor": 9153,
+    "events": 9154,
+    "worker": 9155,
+}
+
 
 class ConfigError(SystemExit):
     """Raised at start-up; its message names the offending variable."""
@@ -48,6 +58,10 @@ class ServiceConfig(BaseSettings):
     # How often revocations are polled: a revoked token is refused within this
     # plus one round trip.
     revocation_poll_seconds: float = Field(default=1.0, gt=0, le=5)
+    # Prometheus metrics at http://<metrics_host>:<metrics_port>/metrics. None
+    # means this service's entry in DEFAULT_METRICS_PORTS; 0 serves no metrics.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     service_name: str = ""  # set by each subclass
 
@@ -61,10 +75,16 @@ class ServiceConfig(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _resolve_paths(self) -> Self:
+    def _resolve_defaults(self) -> Self:
         if self.trace_file is None:
             object.__setattr__(self, "trace_file", self.data_dir / "traces.jsonl")
+        if self.metrics_port is None:
+            object.__setattr__(self, "metrics_port", DEFAULT_METRICS_PORTS.get(self.service_name, 0))
         return self
+
+    def variable(self, name: str) -> str:
+        """The environment variable of a setting, for messages: `variable("metrics_port")`."""
+        return f"{self.model_config.get('env_prefix', '')}{name}".upper()
 
     def sqlite_path(self) -> Path:
         return self.data_dir / f"{self.service_name}.db"
@@ -75,6 +95,11 @@ class ServiceConfig(BaseSettings):
     @property
     def listen_address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of the metrics endpoint, or None when it is turned off."""
+        return (self.metrics_host, self.metrics_port) if self.metrics_port else None
 
 
 def load_config(cls: type[ConfigT], **overrides: Any) -> ConfigT:

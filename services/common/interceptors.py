@@ -15,10 +15,11 @@ from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 
-from services.common.auth import Principal, TokenVerifier, bearer_token
+from services.common.auth import Principal, TokenVerifier
 from services.common.errors import SwitchboardError, Unauthenticated, internal_status
+from services.common.metrics import RpcServerMetrics
 from services.common.tracing import ATTR_USER_ID, trace_id_hex
 
 log = logging.getLogger("switchboard.rpc")
@@ -95,22 +96,30 @@ def _status_code(context: Any, exc: BaseException | None) -> grpc.StatusCode:
 
 class TracingInterceptor(_WrappingInterceptor):
     """A SERVER span per RPC, child of the caller's W3C context (from metadata),
-    with OpenTelemetry's `rpc.*` attributes. Health checks are not traced.
+    with OpenTelemetry's `rpc.*` attributes, and the call's duration in the
+    `rpc.server.call.duration` histogram (see services.common.metrics) by method
+    and final code. Health checks and reflection are neither traced nor measured.
 
     Response streams make the span current only while the method computes each
     message, never across a `yield`: a context left attached across a yield
     cannot be detached when the client cancels mid-stream (the stock
     interceptor's "Failed to detach context" errors)."""
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
         self._tracer = trace.get_tracer("switchboard.rpc", tracer_provider=tracer_provider)
+        self._metrics = RpcServerMetrics(meter_provider)
 
     def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
-        if method.startswith("/grpc.health.v1.Health/"):
+        if method.startswith(ALWAYS_PUBLIC_PREFIXES):
             return behavior
         service, _, name = method.lstrip("/").partition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         tracer = self._tracer
+        series = self._metrics.series(method)
 
         def start(context: Any) -> trace.Span:
             carrier = {
@@ -123,16 +132,18 @@ class TracingInterceptor(_WrappingInterceptor):
                 attributes=attributes,
             )
 
-        def finish(span: trace.Span, context: Any, exc: BaseException | None) -> None:
+        def finish(span: trace.Span, context: Any, exc: BaseException | None, started: float) -> None:
             code = _status_code(context, exc)
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code is not grpc.StatusCode.OK:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
             span.end()
+            series.record(code, time.perf_counter() - started)
 
         if _is_async_generator(behavior, streaming):
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                started = time.perf_counter()
                 span, failure = start(context), None
                 messages = behavior(request, context)
                 try:
@@ -150,11 +161,12 @@ class TracingInterceptor(_WrappingInterceptor):
                     raise
                 finally:
                     await messages.aclose()
-                    finish(span, context, failure)
+                    finish(span, context, failure, started)
 
             return stream
 
         async def unary(request: Any, context: Any) -> Any:
+            started = time.perf_counter()
             span, failure = start(context), None
             try:
                 with trace.use_span(span, end_on_exit=False):
@@ -163,7 +175,7 @@ class TracingInterceptor(_WrappingInterceptor):
                 failure = exc
                 raise
             finally:
-                finish(span, context, failure)
+                finish(span, context, failure, started)
 
         return unary
 
@@ -266,7 +278,7 @@ class AuthenticationInterceptor(_WrappingInterceptor):
         self._public = public_methods
 
     async def _authenticate(self, context: Any) -> AuthenticatedContext:
-        principal = await self._verifier.verify(bearer_token(context.invocation_metadata()))
+        principal = await self._verifier.verify_metadata(context.invocation_metadata())
         trace.get_current_span().set_attribute(ATTR_USER_ID, principal.user_id)
         return AuthenticatedContext(context, principal)
 

@@ -5,7 +5,8 @@ A service's `__main__` loads its config and calls `run(config, build)`, where
 starts the gRPC server with the interceptor stack, the health service
 (NOT_SERVING until the service's dependencies answer) and reflection, and on
 SIGTERM/SIGINT: health NOT_SERVING → server.stop(grace) → the service's own
-stop hooks → channels closed → traces flushed → exit 0.
+stop hooks → channels closed → traces flushed → metrics endpoint closed → exit 0.
+Metrics are served for Prometheus from start-up (services.common.metrics).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ctypes
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,7 +32,7 @@ from switchboard.auth.v1 import auth_service_pb2_grpc
 from services.common import db
 from services.common.auth import RemoteKeySource, RemoteRevocationFeed, TokenVerifier
 from services.common.channels import ServiceChannels
-from services.common.config import ServiceConfig
+from services.common.config import ConfigError, ServiceConfig
 from services.common.interceptors import (
     AccessLogInterceptor,
     AuthenticationInterceptor,
@@ -38,6 +40,7 @@ from services.common.interceptors import (
     TracingInterceptor,
 )
 from services.common.logs import configure_logging
+from services.common.metrics import MetricsEndpoint, setup_metrics
 from services.common.tracing import setup_tracing
 
 log = logging.getLogger("switchboard.server")
@@ -189,12 +192,37 @@ async def serve(
     log.info("stopped")
 
 
+def start_metrics(config: ServiceConfig) -> MetricsEndpoint:
+    """The process's meter provider and metrics endpoint, or stop naming the
+    setting when its port cannot be bound (like any bad setting)."""
+    host, port = config.metrics_address or (config.metrics_host, 0)
+    try:
+        endpoint = setup_metrics(config.service_name, host, port)
+    except OSError as exc:
+        message = (
+            f"{config.service_name}: cannot serve metrics on {host}:{port} ({exc.strerror or exc}); "
+            f"set {config.variable('metrics_port')} (0 turns metrics off) or {config.variable('metrics_host')}"
+        )
+        print(message, file=sys.stderr)
+        log.error(message)
+        raise ConfigError(2) from None
+    if endpoint.address is not None:
+        log.info("serving metrics", extra={"address": "{}:{}".format(*endpoint.address)})
+    return endpoint
+
+
 def run(config: ServiceConfig, build: Callable[[Runtime], Awaitable[ServiceParts]]) -> None:
     """The entry point of every service process."""
     follow_supervisor()
     configure_logging(config.service_name, config.log_level)
     provider = setup_tracing(config.service_name, config.trace_file)
     try:
+        metrics_endpoint = start_metrics(config)
+    except ConfigError:
+        provider.shutdown()
+        raise
+    try:
         asyncio.run(serve(config, Runtime(config), build))
     finally:
         provider.shutdown()
+        metrics_endpoint.shutdown()

@@ -41,6 +41,9 @@ async def test_launcher_brings_up_five_servers_and_stops_cleanly(tmp_path: Path)
     ports = {service: free_port() for service in EXPECTED}
     env = dict(os.environ, SWITCHBOARD_DATA_DIR=str(tmp_path / "state"))
     env.update({f"SWITCHBOARD_{service.upper()}_PORT": str(port) for service, port in ports.items()})
+    # Free metrics ports too: the defaults (9151-9155) may be taken by a running `make up`.
+    metrics_ports = {service: free_port() for service in EXPECTED}
+    env.update({f"SWITCHBOARD_{s.upper()}_METRICS_PORT": str(p) for s, p in metrics_ports.items()})
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -61,6 +64,7 @@ async def test_launcher_brings_up_five_servers_and_stops_cleanly(tmp_path: Path)
         text = "".join(banner)
         for service, port in ports.items():
             assert f"127.0.0.1:{port}" in text, service
+            assert f"http://127.0.0.1:{metrics_ports[service]}/metrics" in text, service
             assert EXPECTED[service] in await listed_services(f"127.0.0.1:{port}")
             assert "grpc.health.v1.Health" in await listed_services(f"127.0.0.1:{port}")
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 from switchboard.auth.v1 import auth_service_pb2, auth_service_pb2_grpc, user_pb2
@@ -30,6 +31,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (each socket stays bound until all are picked)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -63,6 +75,11 @@ class Suite:
             if name in (service, username):
                 return password
         raise KeyError(name)
+
+    @property
+    def metrics_url(self) -> dict[str, str]:
+        """Where each service serves its Prometheus metrics."""
+        return {service: url for service in self.layout.ports if (url := self.layout.metrics_url(service))}
 
     def channel(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:
@@ -115,6 +132,14 @@ class Suite:
         path = self.root / "logs" / f"{service}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def spans(self) -> list[dict[str, Any]]:
+        """The spans every service has written to the suite's trace file so far
+        (the default exporter when no OTLP endpoint is set), as JSON objects."""
+        path = self.layout.data_dir / "traces.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close(grace=None)
@@ -133,7 +158,12 @@ async def start_suite(
 ) -> AsyncIterator[Suite]:
     """Starts `services` (auth first) on free ports and stops them all afterwards."""
     wanted = [service for service in SERVICES if service in set(services)]
-    layout = SuiteLayout(data_dir=root / "data", ports={service: free_port() for service in SERVICES})
+    ports = iter(free_ports(2 * len(SERVICES)))
+    layout = SuiteLayout(
+        data_dir=root / "data",
+        ports={service: next(ports) for service in SERVICES},
+        metrics_ports={service: next(ports) for service in SERVICES},
+    )
     credentials = Credentials.generate()
     (root / "logs").mkdir(parents=True, exist_ok=True)
     suite = Suite(root, layout, credentials, {})
