@@ -6,6 +6,7 @@ tests fail, not skip, when the servers are unreachable there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -30,12 +31,13 @@ def _unreachable(what: str, error: Exception) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh schema in the `test` database, dropped afterwards."""
+@contextlib.contextmanager
+def postgres_schema(name: str = "t") -> Iterator[str]:
+    """A fresh schema (`<name>_<random>`) in the `test` database, as a URL whose
+    search_path is that schema; dropped with everything in it afterwards."""
     import psycopg
 
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"{name}_{uuid.uuid4().hex[:12]}"
     try:
         connection = psycopg.connect(POSTGRES_URL, connect_timeout=3, autocommit=True)
     except psycopg.OperationalError as exc:
@@ -47,6 +49,13 @@ def postgres_url() -> Iterator[str]:
             yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
         finally:
             connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the `test` database, dropped afterwards."""
+    with postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -69,6 +78,46 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_URL
+
+
+# The backends a whole suite can run on: the embedded defaults, and the
+# servers CI requires (every service's database on PostgreSQL, events on Redis Streams).
+EMBEDDED = "embedded"
+POSTGRES_AND_REDIS = "postgres+redis"
+SUITE_BACKENDS = [EMBEDDED, pytest.param(POSTGRES_AND_REDIS, marks=[pytest.mark.postgres, pytest.mark.redis])]
+# Services with a database of their own (events keeps its log on Redis instead).
+DATABASE_SERVICES = ("auth", "registry", "executor")
+
+
+@contextlib.asynccontextmanager
+async def suite_on(backends: str, root: Path, otlp_endpoint: str | None = None) -> AsyncIterator[Suite]:
+    """All five services as real processes on `backends` (EMBEDDED or
+    POSTGRES_AND_REDIS). On PostgreSQL and Redis, each service with a database
+    gets a fresh schema and the events log a fresh Redis key prefix, so that
+    parallel runs never meet; schemas and keys are removed afterwards.
+    Unreachable servers fail in CI and skip elsewhere."""
+    if backends == EMBEDDED:
+        async with start_suite(root, otlp_endpoint=otlp_endpoint) as running:
+            yield running
+        return
+    assert backends == POSTGRES_AND_REDIS, backends
+    from tests.unit.events.backends import drop_redis_prefix, redis_environment, redis_prefix, require_redis
+
+    redis_url, prefix = require_redis(), redis_prefix()
+    with contextlib.ExitStack() as schemas:
+        database_urls = {
+            service: schemas.enter_context(postgres_schema(service)) for service in DATABASE_SERVICES
+        }
+        try:
+            async with start_suite(
+                root,
+                env={"events": redis_environment(redis_url, prefix)},
+                database_urls=database_urls,
+                otlp_endpoint=otlp_endpoint,
+            ) as running:
+                yield running
+        finally:
+            await drop_redis_prefix(redis_url, prefix)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """One run is one trace: client, executor, registry, worker and events spans
-share the run's trace id, collected by an OTLP receiver inside the test."""
+share the run's trace id, collected by an OTLP receiver inside the test, on
+the embedded backends and on PostgreSQL + Redis Streams."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -15,9 +17,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from switchboard.events.v1 import event_pb2
 from switchboard.executor.v1 import executor_service_pb2
 
+from tests.conftest import SUITE_BACKENDS, suite_on
 from tests.harness.clients import executor_stub, struct, subscribe_run
 from tests.harness.otlp_sink import ReceivedSpan, otlp_sink
-from tests.harness.suite import start_suite
 
 SERVICES = {
     "switchboard-test-client",
@@ -28,8 +30,9 @@ SERVICES = {
 }
 
 
-async def test_one_run_is_one_trace_across_every_service(tmp_path: Path) -> None:
-    async with otlp_sink() as (sink, endpoint), start_suite(tmp_path, otlp_endpoint=endpoint) as suite:
+@pytest.mark.parametrize("backends", SUITE_BACKENDS)
+async def test_one_run_is_one_trace_across_every_service(backends: str, tmp_path: Path) -> None:
+    async with otlp_sink() as (sink, endpoint), suite_on(backends, tmp_path, otlp_endpoint=endpoint) as suite:
         provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "switchboard-test-client"}))
         # Exported from the processor's own thread: the sink is served by this test's event loop.
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import Any
 
 import grpc
@@ -82,6 +83,46 @@ async def subscribe_run(
                     )
                 )
             if any(e.type == event_pb2.EVENT_TYPE_RUN_COMPLETED for e in batch):
+                break
+    finally:
+        await requests.put(None)
+        call.cancel()
+    return events
+
+
+async def follow_all_runs(
+    suite: Suite, token: str, run_ids: Collection[str], timeout: float = 120.0
+) -> list[event_pb2.Event]:
+    """Follows every run of the caller's (ephemeral, from the beginning),
+    acknowledging each batch, and returns every event received once each of
+    `run_ids` has delivered its RUN_COMPLETED. Events of any other run are
+    returned too, so that a test sees what should not have come."""
+    requests: asyncio.Queue[events_service_pb2.SubscribeRequest | None] = asyncio.Queue()
+    opening = events_service_pb2.SubscriptionOpen(
+        all_runs=True, start=events_service_pb2.StartPosition(from_beginning=True), max_in_flight=100
+    )
+    await requests.put(events_service_pb2.SubscribeRequest(open=opening))
+
+    async def outgoing() -> Any:
+        while (item := await requests.get()) is not None:
+            yield item
+
+    call = events_stub(suite).Subscribe(outgoing(), metadata=metadata(token), timeout=timeout)
+    events: list[event_pb2.Event] = []
+    waiting = set(run_ids)
+    try:
+        async for response in call:
+            if response.WhichOneof("response") != "events":
+                continue
+            batch = [d.event for d in response.events.deliveries if d.WhichOneof("item") == "event"]
+            events.extend(batch)
+            await requests.put(
+                events_service_pb2.SubscribeRequest(
+                    ack=events_service_pb2.AckRequest(event_ids=[e.event_id for e in batch])
+                )
+            )
+            waiting -= {e.run_id for e in batch if e.type == event_pb2.EVENT_TYPE_RUN_COMPLETED}
+            if not waiting:
                 break
     finally:
         await requests.put(None)

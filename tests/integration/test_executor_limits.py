@@ -1,11 +1,13 @@
-"""Limits and fairness through real processes: many users at once never
-exceed the per-user or per-agent limit and every run ends; an agent's
-max_concurrency lowered in the registry applies within 5 s; one user's flood
-delays another user's first run by at most one slot.
+"""Limits and fairness through real processes: 50 users with 5 runs each at
+once never exceed the per-user or per-agent limit, every run ends, and no run
+or event crosses users; an agent's max_concurrency lowered in the registry
+applies within 5 s; one user's flood delays another user's first run by at
+most one slot.
 
-Concurrency is counted from the runs' start and end times, which bracket the
-worker's calls (a run starts before its attempt is sent and ends after the
-worker answered), so what holds for them holds at the worker.
+With many users, concurrency is counted at the worker, from the spans of its
+agent calls. The flood test counts it from the runs' start and end times,
+which bracket the worker's calls (a run starts before its attempt is sent and
+ends after the worker answered), so what holds for them holds at the worker.
 
 The suite is this module's own: its tests change the chaos agent's limit."""
 
@@ -15,16 +17,18 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Sequence
+from datetime import datetime
 from typing import Any
 
 import pytest
 from google.protobuf import field_mask_pb2
 from switchboard.auth.v1 import auth_service_pb2, user_pb2
+from switchboard.events.v1 import event_pb2
 from switchboard.executor.v1 import executor_service_pb2, run_pb2
 from switchboard.registry.v1 import agent_pb2, registry_service_pb2, registry_service_pb2_grpc
 
 from tests.harness.clients import executor_stub as executor
-from tests.harness.clients import finished_run, plain, struct
+from tests.harness.clients import finished_run, follow_all_runs, plain, struct
 from tests.harness.suite import TEST_PASSWORD, Suite, start_suite
 
 PATIENCE_SECONDS = 90.0
@@ -36,6 +40,19 @@ def finished(suite: Suite, token: str, run_id: str) -> Coroutine[Any, Any, run_p
 
 PER_USER = 2
 CHAOS_LIMIT = 4
+USERS = 50
+RUNS_PER_USER = 5
+# Short agent work: 250 runs through 4 slots take about 20 s on an idle machine.
+WORK_SECONDS = 0.2
+# How long the 250 runs may take in all on a loaded one.
+LOAD_PATIENCE_SECONDS = 240.0
+# What each of those runs (no thoughts, no tools) tells its owner, in order.
+EVENTS_OF_A_RUN = [
+    event_pb2.EVENT_TYPE_RUN_QUEUED,
+    event_pb2.EVENT_TYPE_AGENT_STARTED,
+    event_pb2.EVENT_TYPE_AGENT_COMPLETED,
+    event_pb2.EVENT_TYPE_RUN_COMPLETED,
+]
 # The executor's agent cache keeps a definition at most this long.
 CACHE_SECONDS = 5.0
 
@@ -96,27 +113,91 @@ def most_at_once(runs: Sequence[run_pb2.Run]) -> int:
     return max((sum(1 for s, e in spans if s <= start < e) for start, _ in spans), default=0)
 
 
+def seconds_of(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def most_at_once_at_the_worker(spans: Sequence[dict[str, Any]]) -> int:
+    """The largest number of the worker's agent calls in progress at one time."""
+    bounds = [(seconds_of(span["start_time"]), seconds_of(span["end_time"])) for span in spans]
+    return max((sum(1 for s, e in bounds if s <= start < e) for start, _ in bounds), default=0)
+
+
+async def worker_calls(suite: Suite, run_ids: set[str]) -> list[dict[str, Any]]:
+    """The built-in worker's spans of its `chaos` calls for these runs, once
+    there is one for each (the worker exports them in batches)."""
+    async with asyncio.timeout(PATIENCE_SECONDS):
+        while True:
+            calls = [
+                span
+                for span in suite.spans()
+                if span.get("name") == "agent chaos"
+                and span.get("attributes", {}).get("switchboard.run_id") in run_ids
+            ]
+            if {span["attributes"]["switchboard.run_id"] for span in calls} == run_ids:
+                return calls
+            await asyncio.sleep(0.5)
+
+
 async def test_many_users_at_once_stay_within_every_limit_and_all_runs_end(suite: Suite) -> None:
-    users = await make_users(suite, "load", 20)
-    started = await asyncio.gather(
-        *(
-            start(suite, token, {"sleep_seconds": 0.3, "echo": user_id})
-            for user_id, token in users
-            for _ in range(3)
-        )
-    )
+    users = await make_users(suite, "load", USERS)
     token_of = dict(users)
 
-    done = await asyncio.gather(*(finished(suite, token_of[run.user_id], run.run_id) for run in started))
+    async def start_as(user_id: str, token: str) -> tuple[str, run_pb2.Run]:
+        return user_id, await start(suite, token, {"sleep_seconds": WORK_SECONDS, "echo": user_id})
 
+    started = await asyncio.gather(
+        *(start_as(user_id, token) for user_id, token in users for _ in range(RUNS_PER_USER))
+    )
+    assert all(run.user_id == user_id for user_id, run in started)
+    runs_of = {user_id: {run.run_id for owner, run in started if owner == user_id} for user_id, _ in users}
+    owner_of = {run.run_id: user_id for user_id, run in started}
+
+    # Each user follows all of their runs while every run proceeds.
+    followed, done = await asyncio.gather(
+        asyncio.gather(
+            *(
+                follow_all_runs(suite, token, runs_of[user_id], LOAD_PATIENCE_SECONDS)
+                for user_id, token in users
+            )
+        ),
+        asyncio.gather(
+            *(
+                finished_run(suite, token_of[user_id], run.run_id, LOAD_PATIENCE_SECONDS)
+                for user_id, run in started
+            )
+        ),
+    )
+
+    # Every run ended, and succeeded: nothing was lost or left behind in a queue.
+    assert len(done) == USERS * RUNS_PER_USER
     assert {run.state for run in done} == {run_pb2.RUN_STATE_SUCCEEDED}
+    assert all(run.steps[0].attempts == 1 for run in done)
     # Nothing crossed users: each run is its owner's, with its owner's input.
+    assert all(run.user_id == owner_of[run.run_id] for run in done)
     assert all(plain(run.output)["echo"] == run.user_id for run in done)
-    assert most_at_once(done) <= CHAOS_LIMIT
+    # Each user's subscriber got all of their runs' events, in order, and none of anyone else's.
+    for (user_id, _), events in zip(users, followed, strict=True):
+        assert {e.user_id for e in events} == {user_id}
+        assert {e.run_id for e in events} == runs_of[user_id]
+        for run_id in runs_of[user_id]:
+            sequence = [e for e in events if e.run_id == run_id]
+            assert [e.seq for e in sequence] == list(range(1, len(EVENTS_OF_A_RUN) + 1)), run_id
+            assert [e.type for e in sequence] == EVENTS_OF_A_RUN, run_id
+
+    # Concurrency as the worker saw it: its calls, each under its run's owner.
+    calls = await worker_calls(suite, set(owner_of))
+    assert len(calls) == len(owner_of)
+    assert all(
+        call["attributes"]["switchboard.user_id"] == owner_of[call["attributes"]["switchboard.run_id"]]
+        for call in calls
+    )
+    assert most_at_once_at_the_worker(calls) <= CHAOS_LIMIT
     for user_id, _ in users:
-        assert most_at_once([run for run in done if run.user_id == user_id]) <= PER_USER
+        mine = [call for call in calls if call["attributes"]["switchboard.user_id"] == user_id]
+        assert most_at_once_at_the_worker(mine) <= PER_USER, user_id
     # The limits were reached, not merely respected by an idle system.
-    assert most_at_once(done) == CHAOS_LIMIT
+    assert most_at_once_at_the_worker(calls) == CHAOS_LIMIT
 
 
 async def test_a_lowered_limit_applies_within_five_seconds_and_a_flood_delays_others_by_one_slot(
