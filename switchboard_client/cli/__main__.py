@@ -1,0 +1,3 @@
+from switchboard_client.cli.main import main
+
+raise SystemExit(main())
