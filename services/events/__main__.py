@@ -35,7 +35,9 @@ async def open_log(
 ]:
     """The configured log, with its readiness check, start and close."""
     if config.backend == "redis":
-        redis_log = RedisEventLog.from_url(config.redis_url, config.redis_prefix)
+        redis_log = RedisEventLog.from_url(
+            config.redis_url, config.redis_prefix, max_connections=config.redis_max_connections
+        )
         return redis_log, redis_log.ready, redis_log.start, redis_log.close
     url = config.effective_database_url()
     await asyncio.to_thread(migrate, url, MIGRATIONS)

@@ -27,6 +27,8 @@ class EventsConfig(ServiceConfig):
     redis_url: str = Field(default="", validate_default=True)
     # Every key of this service starts with it: several suites (or tests) can share one Redis.
     redis_prefix: str = Field(default="switchboard:events:", min_length=1, max_length=200)
+    # Connections to Redis this process opens at most; more operations at once wait for one.
+    redis_max_connections: int = Field(default=100, ge=2, le=10000)
 
     # Retention, in seconds (0: keep forever under that rule): events older than
     # MAX_AGE go whoever has read them; events older than SETTLED_AGE go once

@@ -1123,8 +1123,12 @@ class Subscription:
         capacity = self.spec.max_in_flight - len(self._in_flight)
         for cursor in [c for c in self._runs.values() if c.has_backlog]:
             while capacity > 0 and cursor.has_backlog:
+                # Only as far as this subscription knows the run (`last_seq`,
+                # `completed_seq`): what was appended since comes with its
+                # notification, and with it the news that the run ended.
+                known = cursor.last_seq - cursor.next_seq + 1
                 events = await self._log.read(
-                    cursor.run_id, cursor.next_seq - 1, min(capacity, self._settings.batch_size)
+                    cursor.run_id, cursor.next_seq - 1, min(capacity, self._settings.batch_size, known)
                 )
                 if not events or events[0].seq > cursor.next_seq:
                     # Not there: trimmed since this subscription looked.

@@ -74,6 +74,10 @@ from services.events.domain import (
 log = logging.getLogger("switchboard.events.redis")
 
 DEFAULT_PREFIX = "switchboard:events:"
+# Connections one process opens at most (the replica-signal listener holds one).
+DEFAULT_MAX_CONNECTIONS = 100
+# How long an operation waits for a free connection before it is UNAVAILABLE.
+POOL_WAIT_SECONDS = 10.0
 # Reconnect backoff of the signal listener.
 LISTEN_RETRY_SECONDS = (0.1, 5.0)
 
@@ -409,17 +413,26 @@ class RedisEventLog:
 
     @classmethod
     def from_url(
-        cls, url: str, prefix: str = DEFAULT_PREFIX, client_name: str = "switchboard-events"
+        cls,
+        url: str,
+        prefix: str = DEFAULT_PREFIX,
+        client_name: str = "switchboard-events",
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> RedisEventLog:
-        client = aioredis.Redis.from_url(
+        # A blocking pool: past `max_connections` operations at once, the next
+        # one waits for a connection (redis-py's default pool refuses it at
+        # once, which a busy process would answer with UNAVAILABLE).
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=POOL_WAIT_SECONDS,
             decode_responses=True,
             socket_connect_timeout=5,
             socket_keepalive=True,
             health_check_interval=15,
             client_name=client_name,
         )
-        return cls(client, prefix)
+        return cls(aioredis.Redis.from_pool(pool), prefix)
 
     @property
     def keys(self) -> Keys:

@@ -1,6 +1,7 @@
 """What only the Redis log has: claims that fence a durable consumer's writes,
 writes without a claim that never undo progress, signals between replicas,
-keys that cannot collide, and UNAVAILABLE when Redis cannot be reached."""
+keys that cannot collide, a bounded connection pool that makes operations
+wait rather than fail, and UNAVAILABLE when Redis cannot be reached."""
 
 from __future__ import annotations
 
@@ -200,3 +201,19 @@ async def test_an_unreachable_redis_is_unavailable() -> None:
         assert not await log.ready()
     finally:
         await log.close()
+
+
+async def test_more_operations_than_connections_wait_for_one(redis_url: str) -> None:
+    # A busy process (many subscriptions stepping at once) must queue for the
+    # pool, not answer UNAVAILABLE while Redis is there.
+    prefix = redis_prefix()
+    log = RedisEventLog.from_url(redis_url, prefix, max_connections=3)
+    try:
+        await log.append([event("r1", 1), event("r1", 2)], NOW)
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(log.read("r1", 0, 10) for _ in range(50))), GUARD_SECONDS
+        )
+        assert [[e.seq for e in events] for events in answers] == [[1, 2]] * 50
+    finally:
+        await log.close()
+        await drop_redis_prefix(redis_url, prefix)

@@ -1,14 +1,16 @@
 """The client helper (`switchboard_client.events.EventSubscriber`) through real
 processes: the events service is killed with SIGKILL in the middle of a stream
 while a producer keeps publishing, and restarted; the helper hands over every
-event of every run exactly once and in order, on the SQLite log and on Redis."""
+event of every run exactly once and in order, on the SQLite log and on Redis.
+With Redis persisting to its append-only file (`appendfsync always`), Redis
+itself is killed with SIGKILL too, and restarted from that file."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,15 @@ import pytest
 from switchboard.events.v1 import events_service_pb2, events_service_pb2_grpc
 
 from switchboard_client.events import CHANNEL_OPTIONS, EventSubscriber, Reconnect
-from tests.harness.suite import Suite, start_suite
-from tests.unit.events.backends import drop_redis_prefix, redis_environment, redis_prefix, require_redis
+from tests.harness.suite import Suite, free_port, start_suite
+from tests.unit.events.backends import (
+    RedisServer,
+    drop_redis_prefix,
+    own_redis_with_aof,
+    redis_environment,
+    redis_prefix,
+    require_redis,
+)
 from tests.unit.events.streams import run_event
 
 RUNS = 4
@@ -64,8 +73,10 @@ async def publish_through_outages(
         await asyncio.sleep(0.01)
 
 
-async def test_every_event_exactly_once_in_order_across_a_kill_9(crash_suite: Suite) -> None:
-    suite = crash_suite
+async def follow_through_a_crash(suite: Suite, crash: Callable[[], Awaitable[None]]) -> None:
+    """A producer publishes RUNS runs while an EventSubscriber follows them;
+    `crash` happens in the middle of handling an event. Every event of every
+    run must come out exactly once, in order."""
     suffix = uuid.uuid4().hex[:6]
     user_id, token = await suite.create_user(f"fay-{suffix}")
     publisher = suite.metadata(await suite.login("svc-executor", suite.service_password("svc-executor")))
@@ -93,8 +104,7 @@ async def test_every_event_exactly_once_in_order_across_a_kill_9(crash_suite: Su
                     handled = sum(len(seqs) for seqs in received.values())
                     if handled == KILL_AFTER:
                         # In the middle of handling: this event's ack cannot reach the service.
-                        suite.kill("events")
-                        await suite.start("events")
+                        await crash()
                     if handled == RUNS * EVENTS_PER_RUN:
                         break
             await producer
@@ -107,3 +117,42 @@ async def test_every_event_exactly_once_in_order_across_a_kill_9(crash_suite: Su
     assert subscriber.reconnects >= 1
     # The event being handled at the kill came again and was not handed over twice.
     assert subscriber.duplicates_skipped >= 1
+
+
+async def test_every_event_exactly_once_in_order_across_a_kill_9(crash_suite: Suite) -> None:
+    async def kill_events() -> None:
+        crash_suite.kill("events")
+        await crash_suite.start("events")
+
+    await follow_through_a_crash(crash_suite, kill_events)
+
+
+@pytest.fixture
+async def aof_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A Redis of this test's own, with AOF on: the shared one keeps nothing on disk."""
+    async with own_redis_with_aof(tmp_path / "redis", free_port()) as server:
+        yield server
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("killed", [("redis", "events"), ("redis",)], ids=["redis-and-events", "redis-alone"])
+async def test_every_event_exactly_once_in_order_when_redis_with_aof_is_killed(
+    tmp_path: Path, aof_redis: RedisServer, killed: tuple[str, ...]
+) -> None:
+    env = {
+        "SWITCHBOARD_EVENTS_HEARTBEAT_SECONDS": "1",
+        **redis_environment(aof_redis.url, redis_prefix()),
+    }
+    async with start_suite(tmp_path / "suite", services=("auth", "events"), env={"events": env}) as suite:
+
+        async def kill() -> None:
+            # Neither is told: Redis loses whatever its AOF does not hold, the
+            # events service everything in memory (live streams, ack deadlines).
+            aof_redis.kill()
+            if "events" in killed:
+                suite.kill("events")
+            await aof_redis.start()
+            if "events" in killed:
+                await suite.start("events")
+
+        await follow_through_a_crash(suite, kill)

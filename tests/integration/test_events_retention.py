@@ -14,13 +14,11 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from switchboard.events.v1 import events_service_pb2, events_service_pb2_grpc
 
 from tests.harness.suite import Suite, start_suite
 from tests.unit.events.backends import drop_redis_prefix, redis_environment, redis_prefix, require_redis
-from tests.unit.events.streams import RawSubscription, publish_run
+from tests.unit.events.streams import RawSubscription, error_info, publish_run
 
 GUARD_SECONDS = 30.0  # a hang fails instead of stalling; nothing is timed
 
@@ -41,15 +39,6 @@ async def retaining_suite(request: pytest.FixtureRequest, tmp_path: Path) -> Asy
     finally:
         if prefix:
             await drop_redis_prefix(env["SWITCHBOARD_EVENTS_REDIS_URL"], prefix)
-
-
-def reason_and_metadata(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason, dict(info.metadata)
-    return "", {}
 
 
 async def test_trimmed_events_are_reported_never_replayed_in_part(retaining_suite: Suite) -> None:
@@ -75,7 +64,7 @@ async def test_trimmed_events_are_reported_never_replayed_in_part(retaining_suit
                 )
             except grpc.aio.AioRpcError as error:
                 assert error.code() == grpc.StatusCode.OUT_OF_RANGE
-                assert reason_and_metadata(error) == (
+                assert error_info(error) == (
                     "EVENTS_TRIMMED",
                     {"run_id": run_id, "epoch": str(epoch), "trimmed_through": "3"},
                 )
@@ -93,7 +82,7 @@ async def test_trimmed_events_are_reported_never_replayed_in_part(retaining_suit
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await resumed.read()
         assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
-        assert reason_and_metadata(refused.value)[0] == "EVENTS_TRIMMED"
+        assert error_info(refused.value)[0] == "EVENTS_TRIMMED"
     finally:
         resumed.close()
 

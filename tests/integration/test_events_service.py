@@ -14,14 +14,12 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_pb2_grpc
 
 from tests.harness.suite import Suite, start_suite
 from tests.unit.events import streams
 from tests.unit.events.backends import drop_redis_prefix, redis_environment, redis_prefix, require_redis
-from tests.unit.events.streams import RawSubscription
+from tests.unit.events.streams import RawSubscription, error_info
 
 EVENTS_PER_RUN = 6
 RUNS_PER_USER = 3
@@ -52,15 +50,6 @@ def stub(suite: Suite) -> Any:
 
 async def service_token(suite: Suite) -> str:
     return await suite.login("svc-executor", suite.service_password("svc-executor"))
-
-
-def reason_of(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason
-    return ""
 
 
 async def publish_run(
@@ -157,7 +146,7 @@ async def test_the_other_users_run_can_be_neither_read_nor_acknowledged(events_s
         answers.append(
             (
                 raised.value.code(),
-                reason_of(raised.value),
+                error_info(raised.value)[0],
                 (raised.value.details() or "").replace(run_id, "<id>"),
             )
         )

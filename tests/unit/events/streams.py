@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from switchboard.events.v1 import event_pb2, events_service_pb2
 
 READ_GUARD_SECONDS = 15.0  # a hang fails the test instead of stalling it; nothing is timed
@@ -33,13 +35,27 @@ async def publish_run(
         await stub.Publish(events_service_pb2.PublishRequest(events=batch), metadata=metadata, timeout=10)
 
 
+def error_info(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
+    """The reason and metadata of the error's google.rpc.ErrorInfo detail."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason, dict(info.metadata)
+    return "", {}
+
+
 class RawSubscription:
     def __init__(
-        self, stub: Any, metadata: Sequence[tuple[str, str]], opening: events_service_pb2.SubscriptionOpen
+        self,
+        stub: Any,
+        metadata: Sequence[tuple[str, str]],
+        opening: events_service_pb2.SubscriptionOpen,
+        timeout: float = 60.0,
     ) -> None:
         self._requests: asyncio.Queue[events_service_pb2.SubscribeRequest | None] = asyncio.Queue()
         self._requests.put_nowait(events_service_pb2.SubscribeRequest(open=opening))
-        self.call = stub.Subscribe(self._outgoing(), metadata=metadata, timeout=60)
+        self.call = stub.Subscribe(self._outgoing(), metadata=metadata, timeout=timeout)
 
     async def _outgoing(self) -> AsyncIterator[events_service_pb2.SubscribeRequest]:
         while (request := await self._requests.get()) is not None:
@@ -64,6 +80,11 @@ class RawSubscription:
             response = await self.read()
             if response.WhichOneof("response") == kind:
                 return getattr(response, kind)
+
+    def nack(self, event_ids: Sequence[str], delay: float = 0.0) -> None:
+        request = events_service_pb2.NackRequest(event_ids=event_ids)
+        request.delay.FromNanoseconds(int(delay * 1e9))
+        self._requests.put_nowait(events_service_pb2.SubscribeRequest(nack=request))
 
     def close(self) -> None:
         self._requests.put_nowait(None)

@@ -9,12 +9,13 @@ from services.events.config import EventsConfig
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("PORT", "MAX_DELIVERY_ATTEMPTS", "HEARTBEAT_SECONDS", "BACKEND"):
+    for name in ("PORT", "MAX_DELIVERY_ATTEMPTS", "HEARTBEAT_SECONDS", "BACKEND", "REDIS_MAX_CONNECTIONS"):
         monkeypatch.delenv(f"SWITCHBOARD_EVENTS_{name}", raising=False)
     config = load_config(EventsConfig)
     assert (config.port, config.max_delivery_attempts, config.heartbeat_seconds) == (50054, 5, 10.0)
     assert config.effective_database_url().endswith("events.db")
     assert (config.backend, config.redis_prefix) == ("sql", "switchboard:events:")
+    assert config.redis_max_connections == 100
 
 
 def test_a_bad_value_names_its_variable(

@@ -10,7 +10,9 @@ import pytest
 from services.common.errors import Aborted, NotFound, Unavailable
 from services.events.domain import (
     CumulativeAck,
+    EventLog,
     EventsDomain,
+    EventType,
     Heartbeat,
     StartKind,
     StartPosition,
@@ -206,6 +208,26 @@ async def test_all_runs_follows_present_and_future_runs_of_the_caller_only(domai
     later = await publish_run(domain, 1)
     await publish_run(domain, 1, user_id="user-b")
     assert delivered(await subscription.step()) == [(later, 1, 1)]
+
+
+async def test_an_all_runs_subscription_hears_the_end_of_a_run_appended_while_it_read(
+    domain: EventsDomain, log: EventLog
+) -> None:
+    # The subscription knows the run up to seq 3; seq 4 ends it and is stored
+    # before the subscription reads the run, its notification still on the way
+    # (a publish racing the delivery loop, or a replica's signal in flight).
+    run_id = await publish_run(domain, 3)
+    subscription = await domain.subscribe("user-a", SubscriptionSpec(None, FROM_BEGINNING))
+    await log.append([new_event(run_id, 4, type=EventType.RUN_COMPLETED)], NOW)
+    first = await subscription.step()
+    await subscription.acknowledge_from_stream([], [CumulativeAck(run_id, 4)])
+    domain.runs_appended("user-a", [run_id])  # the notification arrives
+    rest = await subscription.step()
+    await subscription.acknowledge_from_stream([], [CumulativeAck(run_id, 4)])
+    rest += await subscription.step()
+    assert seqs(first) + seqs(rest) == [1, 2, 3, 4]
+    # The run's end was delivered here, so the subscription says the run is complete.
+    assert completions(rest) == [(run_id, 4)]
 
 
 async def test_ephemeral_default_and_new_only_skip_what_was_there(domain: EventsDomain) -> None:
