@@ -34,12 +34,11 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.common import db
 from services.common.db import UtcDateTime
-from services.common.errors import Unavailable
 
 # An ever-increasing sequence: BIGINT on PostgreSQL; on SQLite an INTEGER primary
 # key with AUTOINCREMENT, so a deleted (pruned) top row's number is never reused.
@@ -513,8 +512,8 @@ class AuthStorage:
                 yield Transaction(session, self._postgres)
         except IntegrityError as exc:
             raise Conflict(type(exc.orig).__name__) from exc
-        except (OperationalError, InterfaceError) as exc:
-            raise Unavailable("the auth database is unavailable", reason="DATABASE_UNAVAILABLE") from exc
+        except db.DATABASE_UNAVAILABLE_ERRORS as exc:
+            raise db.database_unavailable() from exc
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -34,6 +34,10 @@ _RETRY_SERVICE_CONFIG = json.dumps(
 )
 
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    # A peer that was down for minutes is called again within seconds of its
+    # return (gRPC's default backoff grows to two minutes).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -14,12 +14,30 @@ from typing import Any
 
 from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import DateTime, MetaData, event, pool, text
+from sqlalchemy import DateTime, MetaData, event, exc, pool, text
 from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
+
+from services.common.errors import Unavailable
+
+# What a database that is down, restarting or out of connections raises: a
+# client may retry these, unlike a bug in a query.
+DATABASE_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    exc.OperationalError,
+    exc.InterfaceError,
+    exc.TimeoutError,
+)
+
+
+def database_unavailable(retry_after: float = 1.0) -> Unavailable:
+    return Unavailable(
+        "the service's database is unavailable; retry shortly",
+        reason="DATABASE_UNAVAILABLE",
+        retry_after=retry_after,
+    )
 
 
 class UtcDateTime(TypeDecorator[datetime]):

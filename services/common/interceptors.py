@@ -18,6 +18,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 
 from services.common.auth import Principal, TokenVerifier
+from services.common.db import DATABASE_UNAVAILABLE_ERRORS, database_unavailable
 from services.common.errors import SwitchboardError, Unauthenticated, internal_status
 from services.common.metrics import RpcServerMetrics
 from services.common.tracing import ATTR_USER_ID, trace_id_hex
@@ -180,6 +181,14 @@ class TracingInterceptor(_WrappingInterceptor):
         return unary
 
 
+POLLED_METHODS = frozenset(
+    {
+        "/switchboard.auth.v1.AuthService/ListTokenRevocations",
+        "/switchboard.auth.v1.AuthService/GetJwks",
+    }
+)
+
+
 class AccessLogInterceptor(_WrappingInterceptor):
     """One structured line per RPC: method, status code, duration."""
 
@@ -187,8 +196,12 @@ class AccessLogInterceptor(_WrappingInterceptor):
         if method.startswith(ALWAYS_PUBLIC_PREFIXES):
             return behavior
 
+        # Polled by every service every second or so: logged when they fail.
+        quiet = method in POLLED_METHODS
+
         def finish(context: Any, started: float, code: str) -> None:
-            log.info(
+            log.log(
+                logging.DEBUG if quiet and code == "OK" else logging.INFO,
                 "rpc",
                 extra={
                     "rpc_method": method,
@@ -230,13 +243,17 @@ class AccessLogInterceptor(_WrappingInterceptor):
 
 class ErrorMappingInterceptor(_WrappingInterceptor):
     """The one place where errors become `google.rpc.Status`. Typed errors keep
-    their code and details; anything else is INTERNAL with a generic message,
-    and its detail goes to the log with the trace id."""
+    their code and details; a database that cannot be reached is UNAVAILABLE
+    with a RetryInfo; anything else is INTERNAL with a generic message, and its
+    detail goes to the log with the trace id."""
 
     @staticmethod
     async def _abort(context: Any, exc: Exception, method: str) -> None:
         if isinstance(exc, SwitchboardError):
             status = exc.to_grpc_status()
+        elif isinstance(exc, DATABASE_UNAVAILABLE_ERRORS):
+            log.warning("database unavailable", exc_info=exc, extra={"rpc_method": method})
+            status = database_unavailable().to_grpc_status()
         else:
             log.error("unexpected error", exc_info=exc, extra={"rpc_method": method})
             status = internal_status(trace_id_hex())

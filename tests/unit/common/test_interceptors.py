@@ -9,6 +9,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from sqlalchemy.exc import OperationalError
 
 from services.common.auth import TokenVerifier
 from services.common.errors import FieldViolation, InvalidArgument, NotFound
@@ -37,6 +38,10 @@ async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
     raise NotFound("gone", reason="RUN_NOT_FOUND")
 
 
+async def database_down(request: bytes, context: Any) -> bytes:
+    raise OperationalError("SELECT secret FROM runs", {}, OSError("connection refused to 10.0.0.5:5432"))
+
+
 async def public(request: bytes, context: Any) -> bytes:
     return b"hello"
 
@@ -47,6 +52,7 @@ def handlers() -> grpc.GenericRpcHandler:
         {
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "Crash": grpc.unary_unary_rpc_method_handler(crash),
+            "DatabaseDown": grpc.unary_unary_rpc_method_handler(database_down),
             "WhoAmI": grpc.unary_unary_rpc_method_handler(who_am_i),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
             "Public": grpc.unary_unary_rpc_method_handler(public),
@@ -101,6 +107,23 @@ async def test_unexpected_error_is_internal_without_leaking(server_and_keys: Any
     assert raised.value.details() == "internal error"
     trailers = str(raised.value.trailing_metadata())
     for leak in ("SELECT", "/srv/app", "Traceback", "storage.py"):
+        assert leak not in trailers
+
+
+async def test_an_unreachable_database_is_unavailable_with_a_retry_delay(server_and_keys: Any) -> None:
+    channel, keys, kid = server_and_keys
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await channel.unary_unary(f"/{SERVICE}/DatabaseDown")(b"", metadata=auth(keys.sign(kid)))
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    status = rpc_status.from_call(raised.value)  # type: ignore[arg-type]
+    assert status is not None
+    details = {detail.type_url.rsplit(".", 1)[-1]: detail for detail in status.details}
+    info = error_details_pb2.ErrorInfo()
+    details["ErrorInfo"].Unpack(info)
+    assert info.reason == "DATABASE_UNAVAILABLE"
+    assert "RetryInfo" in details
+    trailers = str(raised.value.trailing_metadata()) + (raised.value.details() or "")
+    for leak in ("SELECT", "10.0.0.5", "Traceback"):
         assert leak not in trailers
 
 
