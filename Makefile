@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos/switchboard -name '*.proto')
 
-.PHONY: up test gen lint typecheck polyglot clean
+.PHONY: up test gen lint typecheck polyglot clean bench bench-soak
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,21 @@ polyglot:
 
 test: lint typecheck polyglot
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Benchmarks: the bench extras (Celery, matplotlib, psutil, py-spy) on top of dev, then
+# every benchmark beside its baselines (under 10 minutes; PostgreSQL and Redis required).
+BENCH_INSTALLED := $(VENV)/.installed-bench
+
+$(BENCH_INSTALLED): $(INSTALLED) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+
+bench: gen $(BENCH_INSTALLED)
+	$(PY) -m bench $(BENCH_ARGS)
+
+# Memory under 10 minutes of steady runs (not part of `make bench`).
+bench-soak: gen $(BENCH_INSTALLED)
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) gen protos/.deps .pytest_cache .mypy_cache .ruff_cache
