@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -130,3 +131,30 @@ def key_values(pairs: list[str] | None, what: str) -> dict[str, str]:
             raise UsageError(f"{what} takes KEY=VALUE, not {pair!r}")
         result[key] = value
     return result
+
+
+# What a google.protobuf.Duration can hold (10,000 years).
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def seconds_argument(text: str) -> float:
+    """An argparse type for a duration in seconds: any finite number a Duration can hold.
+    Whether it is a sensible value (not negative, within a field's limits) the server says."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or abs(value) > MAX_DURATION_SECONDS:
+        raise argparse.ArgumentTypeError(f"not a usable number of seconds: {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type for a finite number (NaN and infinity are not settings)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value

@@ -51,6 +51,7 @@ exit codes:
 examples:
   switchboard login -u admin
   switchboard agents list
+  switchboard agents update chaos --max-concurrency 20 --heartbeat-timeout-seconds 5
   switchboard run start text-stats --input '{{"text": "Hello there. Bye."}}' --follow
   switchboard runs list --state failed
   switchboard runs wait RUN
@@ -91,7 +92,7 @@ def common_options(*, top_level: bool) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchboard",
-        description="Switchboard from the command line: log in, register and list agents, start runs "
+        description="Switchboard from the command line: log in, register, list and update agents, start runs "
         "and follow their events, list, wait for and cancel runs, show a run's trace.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

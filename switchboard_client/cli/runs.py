@@ -7,7 +7,7 @@ import time
 
 from switchboard.executor.v1 import executor_service_pb2, run_pb2
 
-from switchboard_client.cli.context import Context, json_message, json_object, key_values
+from switchboard_client.cli.context import Context, json_message, json_object, key_values, seconds_argument
 from switchboard_client.cli.errors import ExitCode, UsageError
 from switchboard_client.cli.events import RunFollower, print_event
 from switchboard_client.cli.output import (
@@ -66,7 +66,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     start.add_argument("--thread", default="", help="thread (conversation) id")
     start.add_argument("--request-id", default="", help="idempotency key: a repeat returns the same run")
     start.add_argument(
-        "--timeout", type=float, dest="run_timeout", metavar="SECONDS", help="the run's deadline"
+        "--timeout", type=seconds_argument, dest="run_timeout", metavar="SECONDS", help="the run's deadline"
     )
     start.add_argument("--label", action="append", metavar="KEY=VALUE", help="repeatable")
     start.add_argument("-f", "--follow", action="store_true", help="print its events until it ends")

@@ -23,7 +23,7 @@ import grpc
 import pytest
 from switchboard.auth.v1 import auth_service_pb2
 
-from tests.harness.suite import TEST_PASSWORD, Suite, free_port
+from tests.harness.suite import TEST_PASSWORD, Suite, free_port, start_suite
 
 CLIENT_SERVICES = ("auth", "registry", "executor", "events")
 # Generous: CLI start-up plus a run with retries, on a loaded 2-core machine.
@@ -305,6 +305,140 @@ async def test_agents_register_get_and_list(suite: Suite, tmp_path: Path) -> Non
     assert denied.code == 1 and "PERMISSION_DENIED" in denied.err
 
 
+async def registered_agent(suite: Suite, admin: Account) -> str:
+    """A new agent of the test's own (the built-in ones are shared by other tests)."""
+    name = f"cli-agent-{uuid.uuid4().hex[:8]}"
+    result = await admin.cli(
+        "agents",
+        "register",
+        name,
+        "--endpoint",
+        suite.address["worker"],
+        "--tool",
+        "word_count",
+        "--input-schema",
+        '{"type": "object"}',
+        "--heartbeat-timeout-seconds",
+        "7",
+        "--label",
+        "team=cli",
+    )
+    assert result.code == 0, result
+    return name
+
+
+async def test_agents_update_changes_exactly_the_fields_given(suite: Suite, tmp_path: Path) -> None:
+    admin = await logged_in(suite, tmp_path / "admin", role="admin")
+    name = await registered_agent(suite, admin)
+    before = (await admin.cli("agents", "get", name, "--json")).json()["agent"]
+
+    updated = await admin.cli(
+        "agents",
+        "update",
+        name,
+        "--max-concurrency",
+        "7",
+        "--timeout-seconds",
+        "12.5",
+        "--max-attempts",
+        "5",
+        "--initial-backoff-seconds",
+        "0.5",
+        "--non-retryable",
+        "BAD_INPUT",
+        "--label",
+        "tier=gold",
+        "--description",
+        "changed by the CLI",
+        "--json",
+    )
+
+    assert updated.code == 0, updated
+    agent = updated.json()["agent"]
+    assert agent["maxConcurrency"] == 7 and agent["timeout"] == "12.500s"
+    assert agent["retryPolicy"]["maxAttempts"] == 5 and agent["retryPolicy"]["initialBackoff"] == "0.500s"
+    assert agent["retryPolicy"]["nonRetryableReasons"] == ["BAD_INPUT"]
+    assert agent["labels"] == {"tier": "gold"} and agent["description"] == "changed by the CLI"
+    # Fields not given are as they were, the rest of the retry policy included.
+    for field in ("endpoint", "tools", "inputSchema", "heartbeatTimeout", "createTime"):
+        assert agent[field] == before[field], field
+    for field in ("maxBackoff", "backoffMultiplier"):
+        assert agent["retryPolicy"][field] == before["retryPolicy"][field], field
+    assert agent["updateTime"] != before["updateTime"]
+    assert (await admin.cli("agents", "get", name, "--json")).json()["agent"] == agent
+
+    # For people: which fields changed, then the agent as it is now. 0 restores a default.
+    people = await admin.cli("agents", "update", name, "--max-concurrency", "0", "--clear-labels")
+    assert people.code == 0, people
+    lines = people.out.splitlines()
+    assert lines[0] == f"updated {name}: max_concurrency, labels"
+    assert "max concurrency    10" in lines and "max attempts       5" in lines
+    assert not any(line.startswith("label ") for line in lines)
+    assert (await admin.cli("agents", "get", name, "--json")).json()["agent"]["labels"] == {}
+
+    # Nothing to change is a usage error: an empty mask would replace every field.
+    nothing = await admin.cli("agents", "update", name)
+    assert nothing.code == 2 and "at least one field" in nothing.err
+    missing = await admin.cli("agents", "update", f"{name}-gone", "--max-concurrency", "2")
+    assert missing.code == 1 and "NOT_FOUND (registry)" in missing.err
+
+
+async def test_agents_update_names_a_bad_value(suite: Suite, tmp_path: Path) -> None:
+    admin = await logged_in(suite, tmp_path / "admin", role="admin")
+    name = await registered_agent(suite, admin)
+
+    too_many = await admin.cli("agents", "update", name, "--max-concurrency", "100000")
+    assert too_many.code == 1 and too_many.out == ""
+    assert too_many.err.startswith("switchboard: error: INVALID_ARGUMENT (registry):")
+    assert "field agent.max_concurrency: must be between 0 (10) and 10000" in too_many.err
+
+    as_json = await admin.cli(
+        "agents", "update", name, "--timeout-seconds", "-5", "--max-attempts", "50", "--json"
+    )
+    assert as_json.code == 1 and as_json.out == ""
+    status = json.loads(as_json.err)["error"]["status"]
+    assert status["code"] == "INVALID_ARGUMENT"
+    violations = next(d for d in status["details"] if d["@type"].endswith("google.rpc.BadRequest"))
+    assert sorted(v["field"] for v in violations["fieldViolations"]) == [
+        "agent.retry_policy.max_attempts",
+        "agent.timeout",
+    ]
+    # A value that is not a number never reaches the server.
+    not_a_number = await admin.cli("agents", "update", name, "--timeout-seconds", "soon")
+    assert not_a_number.code == 2 and "--timeout-seconds" in not_a_number.err
+    # Nothing was changed by the refused updates.
+    agent = (await admin.cli("agents", "get", name, "--json")).json()["agent"]
+    assert agent["maxConcurrency"] == 10 and agent["timeout"] == "60s"
+
+
+async def test_agents_update_and_delete_are_for_admins(suite: Suite, tmp_path: Path) -> None:
+    admin = await logged_in(suite, tmp_path / "admin", role="admin")
+    user = await logged_in(suite, tmp_path / "user")
+    name = await registered_agent(suite, admin)
+
+    refused_update = await user.cli("agents", "update", name, "--max-concurrency", "1")
+    refused_delete = await user.cli("agents", "delete", name)
+    for refused in (refused_update, refused_delete):
+        assert refused.code == 1 and refused.out == "", refused
+        assert refused.err.startswith("switchboard: error: PERMISSION_DENIED (registry):"), refused
+    assert (await user.cli("agents", "get", name, "--json")).json()["agent"]["maxConcurrency"] == 10
+
+    deleted = await admin.cli("agents", "delete", name)
+    assert deleted.code == 0, deleted
+    assert deleted.out == f"deleted {name}\n"
+    gone = await admin.cli("agents", "get", name)
+    assert gone.code == 1 and "NOT_FOUND (registry)" in gone.err
+    again = await admin.cli("agents", "delete", name)
+    assert again.code == 1 and "NOT_FOUND (registry)" in again.err and f"agent: {name}" in again.err
+    assert name not in [
+        a["name"] for a in (await admin.cli("agents", "list", "--all", "--json")).json()["agents"]
+    ]
+
+    other = await registered_agent(suite, admin)
+    as_json = await admin.cli("agents", "delete", other, "--json")
+    assert as_json.code == 0 and as_json.json() == {}
+
+
 # -- runs and events
 
 
@@ -410,8 +544,9 @@ async def test_runs_list_get_wait_and_cancel(account: Account) -> None:
     assert done.json()["run"]["output"]["value"] == 42
 
 
-async def test_runs_wait_shows_progress_on_a_terminal(account: Account) -> None:
-    hanging = await start(account.cli, "chaos", {"action": "hang"})
+async def on_terminal(cli: Cli, *args: str) -> tuple[str, Result]:
+    """Runs the CLI with its stderr on a pseudo-terminal; returns what the terminal
+    showed (progress and errors) and the result (stdout, exit code)."""
     controller, terminal = pty.openpty()
 
     def read_terminal() -> bytes:
@@ -428,13 +563,22 @@ async def test_runs_wait_shows_progress_on_a_terminal(account: Account) -> None:
 
     try:
         try:
-            process = await account.cli.spawn("runs", "wait", hanging, "--timeout", "2", stderr=terminal)
+            process = await cli.spawn(*args, stderr=terminal)
         finally:
             os.close(terminal)  # the CLI holds its own copy
         shown = (await asyncio.to_thread(read_terminal)).decode(errors="replace")
-        result = await account.cli.finish(process)
+        result = await cli.finish(process)
     finally:
         os.close(controller)
+    assert "Traceback" not in shown, shown
+    return shown, result
+
+
+async def test_runs_wait_shows_progress_on_a_terminal(account: Account) -> None:
+    hanging = await start(account.cli, "chaos", {"action": "hang"})
+
+    shown, result = await on_terminal(account.cli, "runs", "wait", hanging, "--timeout", "2")
+
     assert result.code == 6
     assert f"waiting for run {hanging}" in shown and "RUNNING" in shown
     assert (await account.cli("runs", "cancel", hanging)).code == 0
@@ -456,6 +600,137 @@ async def test_events_tail_prints_a_runs_events(account: Account) -> None:
     assert {e["runId"] for e in as_json} == {run_id}
     later = (await cli("events", "tail", run_id, "--after-seq", "3", "--json")).json_lines()
     assert [int(e["seq"]) for e in later] == seqs[3:]
+
+
+class Gate:
+    """A TCP relay from the executor to the events service that the test opens and
+    closes: closed, it drops every connection (a partition between the two), so a run
+    exists while its events wait in the executor's outbox, for as long as the test says."""
+
+    def __init__(self) -> None:
+        self.target = ""
+        self.is_open = False
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def open(self) -> None:
+        self.is_open = True
+
+    def close(self) -> None:
+        self.is_open = False
+        for writer in list(self._writers):
+            writer.close()
+
+    async def stop(self) -> None:
+        self.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.is_open:
+            writer.close()
+            return
+        host, port = self.target.rsplit(":", 1)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+
+        self._writers |= {writer, upstream_writer}
+        try:
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        finally:
+            self._writers -= {writer, upstream_writer}
+
+
+async def note_on_stderr(process: Any, text: str) -> str:
+    """Reads the CLI's stderr until a line with `text` (the rest is left for `finish`)."""
+    seen = []
+    async with asyncio.timeout(PATIENCE_SECONDS):
+        while line := (await process.stderr.readline()).decode():
+            seen.append(line)
+            if text in line:
+                return line
+    raise AssertionError(f"never said {text!r}: {seen}")
+
+
+async def test_events_tail_waits_for_the_events_of_a_run_that_exists(tmp_path: Path) -> None:
+    """The events service does not know a run until the executor's outbox relay has
+    published its first event. `events tail` (like `run start --follow`) asks the
+    executor whether the run exists, and if so waits for its events - within a bound."""
+    gate = Gate()
+    relay_address = await gate.start()
+    try:
+        async with start_suite(
+            tmp_path / "suite", env={"executor": {"SWITCHBOARD_EXECUTOR_EVENTS_ADDRESS": relay_address}}
+        ) as suite:
+            gate.target = suite.address["events"]
+            cli = (await logged_in(suite, tmp_path / "user")).cli
+            run_id = await start(cli, "text-stats", {"text": "Held back. Then let go."})
+            # The run goes on without the events service; its events wait in the outbox.
+            assert (await cli("runs", "wait", run_id)).code == 0
+
+            # Past the bound it gives up, saying why; on a terminal it showed a spinner meanwhile.
+            shown, gave_up = await on_terminal(cli, "events", "tail", run_id, "--max-wait", "2")
+            assert gave_up.code == 1 and gave_up.out == ""
+            assert f"waiting for the events of run {run_id}" in shown
+            assert (
+                f"switchboard: error: run {run_id} exists, but its events have not reached the "
+                "events service in 2s" in shown
+            )
+            assert "RUN_NOT_FOUND" in shown
+
+            # Not the user's run: NOT_FOUND at once, exactly as for a run that does not exist.
+            other = (await logged_in(suite, tmp_path / "other")).cli
+            missing = str(uuid.uuid4())
+            refused, absent = await other("events", "tail", run_id), await other("events", "tail", missing)
+            assert refused.code == absent.code == 1, (refused, absent)
+            assert refused.err.startswith("switchboard: error: NOT_FOUND (events):")
+            assert refused.err.replace(run_id, "<id>") == absent.err.replace(missing, "<id>")
+            assert "waiting" not in refused.err
+
+            # Within the bound, the events arrive once the relay gets through, all of them.
+            tail = await cli.spawn("events", "tail", run_id, "--max-wait", "90")
+            await note_on_stderr(tail, "have not reached the events service yet: waiting up to 90s")
+            gate.open()
+            tailed = await cli.finish(tail)
+            assert tailed.code == 0, tailed
+            seqs = [int(line.split()[0]) for line in tailed.out.splitlines()]
+            assert seqs == list(range(1, len(seqs) + 1))
+            assert "run_queued" in tailed.out.splitlines()[0]
+            assert "run_completed" in tailed.out.splitlines()[-1]
+
+            # `run start --follow` waits the same way (the code is the same).
+            gate.close()
+            follow = await cli.spawn(
+                "run", "start", "text-stats", "--input", '{"text": "Again."}', "--follow", "--json"
+            )
+            await note_on_stderr(follow, "have not reached the events service yet: waiting up to 30s")
+            gate.open()
+            followed = await cli.finish(follow)
+            assert followed.code == 0, followed
+            documents = followed.json_lines()
+            events = [d["event"] for d in documents[1:-1]]
+            assert [int(e["seq"]) for e in events] == list(range(1, len(events) + 1))
+            assert documents[-1]["run"]["state"] == "RUN_STATE_SUCCEEDED"
+    finally:
+        await gate.stop()
 
 
 # -- traces

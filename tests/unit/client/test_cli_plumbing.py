@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from datetime import UTC, datetime, timedelta
@@ -13,9 +14,12 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from switchboard.auth.v1 import token_pb2
 
+from switchboard_client.cli.agents import agent_from_arguments, update_request
 from switchboard_client.cli.credentials import CredentialStore, StoredLogin
-from switchboard_client.cli.errors import CliError, describe_rpc_error
+from switchboard_client.cli.errors import CliError, UsageError, describe_rpc_error
+from switchboard_client.cli.events import PendingEvents
 from switchboard_client.cli.main import build_parser
+from switchboard_client.cli.output import Output
 from switchboard_client.cli.settings import DEFAULT_ADDRESSES, Endpoints, config_dir
 
 
@@ -142,3 +146,88 @@ def test_an_error_without_details_still_says_what_to_check() -> None:
     error = describe_rpc_error(bare, "auth")
     assert error.message == "UNAVAILABLE (auth): connection refused"
     assert "is the service running" in error.details[0]
+
+
+def test_agents_update_sends_a_mask_of_exactly_the_fields_given() -> None:
+    args = build_parser().parse_args(
+        [
+            "agents",
+            "update",
+            "chaos",
+            "--max-concurrency",
+            "0",
+            "--heartbeat-timeout-seconds",
+            "2.5",
+            "--max-backoff-seconds",
+            "30",
+            "--clear-non-retryable",
+            "--label",
+            "tier=gold",
+        ]
+    )
+
+    request = update_request(args)
+
+    assert list(request.update_mask.paths) == [
+        "max_concurrency",
+        "heartbeat_timeout",
+        "retry_policy.max_backoff",
+        "retry_policy.non_retryable_reasons",
+        "labels",
+    ]
+    agent = request.agent
+    assert agent.name == "chaos" and agent.max_concurrency == 0
+    assert agent.heartbeat_timeout.ToMilliseconds() == 2500
+    assert agent.retry_policy.max_backoff.seconds == 30
+    assert list(agent.retry_policy.non_retryable_reasons) == [] and dict(agent.labels) == {"tier": "gold"}
+    # A flag left out leaves its field alone.
+    assert "description" not in request.update_mask.paths and "endpoint" not in request.update_mask.paths
+
+
+def test_agents_update_without_a_field_is_refused_rather_than_sent_with_an_empty_mask() -> None:
+    with pytest.raises(UsageError) as raised:
+        update_request(build_parser().parse_args(["agents", "update", "chaos", "--request-id", "r-1"]))
+    assert "at least one field" in raised.value.message
+
+
+def test_agents_register_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.json"
+    path.write_text('{"name": "from-file", "endpoint": "h:1", "labels": {"a": "1"}, "tools": ["x"]}')
+    args = build_parser().parse_args(
+        ["agents", "register", "--from-file", str(path), "--label", "b=2", "--backoff-multiplier", "1.5"]
+    )
+
+    agent = agent_from_arguments(args)
+
+    assert agent.name == "from-file" and agent.endpoint == "h:1" and list(agent.tools) == ["x"]
+    assert dict(agent.labels) == {"b": "2"} and agent.retry_policy.backoff_multiplier == 1.5
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e30", "soon"])
+def test_durations_that_no_duration_can_hold_are_usage_errors(value: str) -> None:
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(["agents", "update", "chaos", "--timeout-seconds", value])
+    assert raised.value.code == 2
+
+
+async def test_waiting_for_a_runs_events_gives_up_at_the_bound_with_the_services_answer() -> None:
+    stderr = io.StringIO()
+    not_found = rpc_error(
+        status_pb2.Status(
+            code=code_pb2.NOT_FOUND,
+            message="run r-1 not found",
+            details=[packed(error_details_pb2.ErrorInfo(reason="RUN_NOT_FOUND", domain="switchboard.dev"))],
+        )
+    )
+    pending = PendingEvents(Output(json_mode=False, stdout=io.StringIO(), stderr=stderr), "r-1", limit=0)
+
+    with pytest.raises(CliError) as raised:
+        await pending.still_missing(not_found)
+
+    error = raised.value
+    assert error.message == "run r-1 exists, but its events have not reached the events service in 0s"
+    assert error.details[:2] == ["NOT_FOUND (events): run r-1 not found", "reason: RUN_NOT_FOUND"]
+    assert "switchboard events tail r-1" in error.details[-1]
+    assert error.document()["error"]["status"]["code"] == "NOT_FOUND"
+    # Not a terminal: no spinner, no control characters.
+    assert "\r" not in stderr.getvalue()
