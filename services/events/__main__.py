@@ -19,6 +19,7 @@ from services.common.errors import SwitchboardError
 from services.common.server import Runtime, ServiceParts, database_ready, run
 from services.events.config import EventsConfig
 from services.events.domain import DeliverySettings, EventLog, EventsDomain, RetentionSettings
+from services.events.metrics import EventsMetrics
 from services.events.redis_log import RedisEventLog
 from services.events.servicer import SERVICE_NAME, EventsServicer
 from services.events.storage import SqlEventLog
@@ -68,6 +69,8 @@ async def build(runtime: Runtime) -> ServiceParts:
             batch_size=config.delivery_batch_size,
         ),
         retention=retention,
+        # Made here, on the service's loop, where its gauge is read.
+        metrics=EventsMetrics(),
     )
     retention_task: asyncio.Task[None] | None = None
 

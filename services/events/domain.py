@@ -11,6 +11,8 @@ counted, dead-lettered (with an explicit marker) after the maximum attempts,
 heartbeats on an idle stream, and `RunStreamCompleted` once a run's last event
 is settled. A durable consumer keeps its positions in the backend, so a new
 connection (or a restarted service) resumes where the last one left off.
+Subscriptions count what they send in `EventsMetrics` (services.events.metrics),
+and answers to acks name the events they are about, for the servicer's spans.
 
 The log itself sits behind `EventLog`: the SQL log (one process) or Redis
 Streams (shared by replicas), with the same behaviour. Between replicas, the
@@ -39,6 +41,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from opentelemetry.metrics import NoOpMeterProvider
+
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -49,6 +53,7 @@ from services.common.errors import (
     OutOfRange,
     Unavailable,
 )
+from services.events.metrics import EventsMetrics
 
 log = logging.getLogger("switchboard.events")
 
@@ -482,6 +487,11 @@ def run_not_found(run_id: str) -> NotFound:
     return NotFound(f"run {run_id} not found", reason="RUN_NOT_FOUND", metadata={"run_id": run_id})
 
 
+async def _events_at(log: EventLog, run_id: str, seq: int) -> tuple[StoredEvent, ...]:
+    """The run's event at `seq`, if the log still holds it (retention may not)."""
+    return tuple(event for event in await log.read(run_id, seq - 1, 1) if event.seq == seq)
+
+
 def advance_watermark(acked_through: int, settled_above: set[int]) -> int:
     """Moves a contiguous 'settled through' position over settled seqs (consumed from the set)."""
     while acked_through + 1 in settled_above:
@@ -567,6 +577,11 @@ class AckResult:
     event_id: str = ""
     # Set for a cumulative ack.
     cumulative: CumulativeAck | None = None
+    # The caller's events the answer is about, for tracing it in their run's
+    # trace: the event an ack by id named (when it exists and is the caller's,
+    # whatever the outcome); the events a cumulative ack settled, in seq order,
+    # or for a stale one the last event it covers. Empty for anything else.
+    events: tuple[StoredEvent, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -756,11 +771,13 @@ class Subscription:
         spec: SubscriptionSpec,
         settings: DeliverySettings,
         clock: Clock,
+        metrics: EventsMetrics,
     ) -> None:
         self.subscription_id = uuid.uuid4().hex
         self.user_id = user_id
         self.spec = spec
         self._log = log
+        self._metrics = metrics
         self._notifier = notifier
         self._consumers = consumers
         self._settings = settings
@@ -834,6 +851,7 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
+        self._metrics.untrack(self)
         self._notifier.discard(self.user_id, self)
         if self._key is not None:
             self._consumers.release(self._key, self)
@@ -1117,6 +1135,7 @@ class Subscription:
             flight.attempt += 1
             flight.due = now + self.spec.ack_deadline
             items[event.run_id].append(Delivered(event, flight.attempt))
+            self._metrics.delivered(self.spec.consumer, flight.attempt)
             self._write_record(cursor, event.seq, event.event_id, flight.attempt, DeliveryState.PENDING)
 
     async def _fill(self, now: float, items: dict[str, list[DeliveryItem]]) -> None:
@@ -1155,6 +1174,7 @@ class Subscription:
                     flight = _InFlight(event, prior + 1, now + self.spec.ack_deadline)
                     self._in_flight[event.event_id] = flight
                     items[event.run_id].append(Delivered(event, flight.attempt))
+                    self._metrics.delivered(self.spec.consumer, flight.attempt)
                     self._write_record(
                         cursor, event.seq, event.event_id, flight.attempt, DeliveryState.PENDING
                     )
@@ -1180,6 +1200,7 @@ class Subscription:
             },
         )
         items[event.run_id].append(DeadLettered(event, attempts))
+        self._metrics.dead_lettered(self.spec.consumer)
         self._write_record(cursor, event.seq, event.event_id, attempts, DeliveryState.DEAD_LETTERED)
         if event.seq == cursor.completed_seq:
             cursor.completion_delivered = True
@@ -1216,15 +1237,17 @@ class Subscription:
 
     async def acknowledge_from_stream(
         self, event_ids: Sequence[str], cumulative: Sequence[CumulativeAck]
-    ) -> None:
-        """An ack on the stream: applied now, answered on the stream."""
+    ) -> AckReport:
+        """An ack on the stream: applied now, answered on the stream (and
+        returned, for the caller's tracing)."""
         async with self._lock:
             self._raise_if_ended()
             report = await self.acknowledge_locked(event_ids, cumulative)
             self._ack_reports.append(report)
         self._wake.set()
+        return report
 
-    async def nack_from_stream(self, event_ids: Sequence[str], delay: float) -> None:
+    async def nack_from_stream(self, event_ids: Sequence[str], delay: float) -> AckReport:
         async with self._lock:
             self._raise_if_ended()
             now = self._clock.now()
@@ -1239,17 +1262,12 @@ class Subscription:
                 # A nack fails the attempt; at the last attempt it dead-letters at once.
                 exhausted = flight.attempt >= self._settings.max_delivery_attempts
                 flight.due = now if exhausted else now + delay
-                results.append(AckResult(AckOutcome.ACCEPTED, event_id=event_id))
-            outcomes = iter(await self._settled_outcomes(missing, settle_earlier=False))
-            self._ack_reports.append(
-                AckReport(
-                    tuple(
-                        result or AckResult(next(outcomes), event_id=event_id)
-                        for result, event_id in zip(results, event_ids, strict=True)
-                    )
-                )
-            )
+                results.append(AckResult(AckOutcome.ACCEPTED, event_id=event_id, events=(flight.event,)))
+            answers = iter(await self._settled_results(missing, settle_earlier=False))
+            report = AckReport(tuple(result or next(answers) for result in results))
+            self._ack_reports.append(report)
         self._wake.set()
+        return report
 
     async def acknowledge_locked(
         self, event_ids: Sequence[str], cumulative: Sequence[CumulativeAck]
@@ -1264,14 +1282,11 @@ class Subscription:
                 missing.append(event_id)
                 continue
             self._ack_flight(flight)
-            results.append(AckResult(AckOutcome.ACCEPTED, event_id=event_id))
+            results.append(AckResult(AckOutcome.ACCEPTED, event_id=event_id, events=(flight.event,)))
         await self._flush()
-        outcomes = iter(await self._settled_outcomes(missing, settle_earlier=True))
-        by_id = [
-            result or AckResult(next(outcomes), event_id=event_id)
-            for result, event_id in zip(results, event_ids, strict=True)
-        ]
-        by_run = [AckResult(self._ack_cumulative(ack), cumulative=ack) for ack in cumulative]
+        answers = iter(await self._settled_results(missing, settle_earlier=True))
+        by_id = [result or next(answers) for result in results]
+        by_run = [await self._ack_cumulative(ack) for ack in cumulative]
         await self._flush()
         self._wake.set()
         return AckReport((*by_id, *by_run))
@@ -1283,30 +1298,39 @@ class Subscription:
         )
         self._settle(cursor, flight.event.seq)
 
-    def _ack_cumulative(self, ack: CumulativeAck) -> AckOutcome:
+    async def _ack_cumulative(self, ack: CumulativeAck) -> AckResult:
         cursor = self._runs.get(ack.run_id)
         if cursor is None:
-            return AckOutcome.UNKNOWN
+            return AckResult(AckOutcome.UNKNOWN, cumulative=ack)
         matched = [
             flight
             for flight in self._in_flight.values()
             if flight.event.run_id == ack.run_id and flight.event.seq <= ack.through_seq
         ]
+        settled = [flight.event for flight in matched]
         for flight in matched:
             del self._in_flight[flight.event.event_id]
             self._ack_flight(flight)
         earlier = [seq for seq in cursor.earlier_pending if seq <= ack.through_seq]
+        if earlier:
+            # Left unsettled by an earlier connection: known here by id only.
+            found = await self._log.events_by_id([cursor.earlier_pending[seq].event_id for seq in earlier])
+            settled.extend(found.values())
         for seq in earlier:
             record = cursor.earlier_pending.pop(seq)
             self._write_record(cursor, seq, record.event_id, record.attempts, DeliveryState.ACKNOWLEDGED)
             self._settle(cursor, seq)
         if matched or earlier:
-            return AckOutcome.ACCEPTED
-        if min(ack.through_seq, cursor.next_seq - 1) > cursor.start_after:
-            return AckOutcome.STALE
-        return AckOutcome.UNKNOWN
+            settled.sort(key=lambda event: event.seq)
+            return AckResult(AckOutcome.ACCEPTED, cumulative=ack, events=tuple(settled))
+        covered = min(ack.through_seq, cursor.next_seq - 1)
+        if covered > cursor.start_after:
+            return AckResult(
+                AckOutcome.STALE, cumulative=ack, events=await _events_at(self._log, ack.run_id, covered)
+            )
+        return AckResult(AckOutcome.UNKNOWN, cumulative=ack)
 
-    async def _settled_outcomes(self, event_ids: Sequence[str], settle_earlier: bool) -> list[AckOutcome]:
+    async def _settled_results(self, event_ids: Sequence[str], settle_earlier: bool) -> list[AckResult]:
         """For (n)acks of events not in flight here, in order: STALE if this
         subscription (or its consumer) already settled them, UNKNOWN if it never
         delivered them. A durable consumer's delivery from an earlier connection
@@ -1321,18 +1345,19 @@ class Subscription:
                 for record in await self._log.consumer_deliveries(self.user_id, self._key[1], event_ids)
             }
         settled_now: set[str] = set()
-        outcomes: list[AckOutcome] = []
+        results: list[AckResult] = []
         for event_id in event_ids:
             event = events.get(event_id)
+            mine = (event,) if event is not None and event.user_id == self.user_id else ()
             cursor = self._runs.get(event.run_id) if event is not None else None
             if event is None or cursor is None or event.user_id != self.user_id:
-                outcomes.append(AckOutcome.UNKNOWN)
+                outcome = AckOutcome.UNKNOWN
             elif event_id in settled_now:
-                outcomes.append(AckOutcome.STALE)  # named twice: the first one settled it
+                outcome = AckOutcome.STALE  # named twice: the first one settled it
             elif self._key is not None:
                 record = records.get(event_id)
                 if record is not None and record.state is not DeliveryState.PENDING:
-                    outcomes.append(AckOutcome.STALE)
+                    outcome = AckOutcome.STALE
                 elif record is not None and event.seq in cursor.earlier_pending:
                     if settle_earlier:
                         cursor.earlier_pending.pop(event.seq)
@@ -1341,16 +1366,17 @@ class Subscription:
                         )
                         self._settle(cursor, event.seq)
                         settled_now.add(event_id)
-                    outcomes.append(AckOutcome.ACCEPTED)
+                    outcome = AckOutcome.ACCEPTED
                 else:
-                    outcomes.append(AckOutcome.UNKNOWN)
+                    outcome = AckOutcome.UNKNOWN
             elif cursor.start_after < event.seq and (
                 event.seq <= cursor.acked_through or event.seq in cursor.settled_above
             ):
-                outcomes.append(AckOutcome.STALE)
+                outcome = AckOutcome.STALE
             else:
-                outcomes.append(AckOutcome.UNKNOWN)
-        return outcomes
+                outcome = AckOutcome.UNKNOWN
+            results.append(AckResult(outcome, event_id=event_id, events=mine))
+        return results
 
     # -- state changes and persistence
 
@@ -1409,11 +1435,14 @@ class EventsDomain:
         settings: DeliverySettings | None = None,
         clock: Clock | None = None,
         retention: RetentionSettings | None = None,
+        metrics: EventsMetrics | None = None,
     ) -> None:
         self._log = log
         self._settings = settings or DeliverySettings()
         self._retention = retention or RetentionSettings()
         self._clock = clock or MonotonicClock()
+        # Recorded nowhere unless the service hands in its own (made in `build`).
+        self._metrics = metrics or EventsMetrics(NoOpMeterProvider())
         self._notifier = Notifier()
         self._consumers = ConsumerRegistry()
         log.add_listener(self)
@@ -1462,9 +1491,17 @@ class EventsDomain:
 
     async def subscribe(self, user_id: str, spec: SubscriptionSpec) -> Subscription:
         subscription = Subscription(
-            self._log, self._notifier, self._consumers, user_id, spec, self._settings, self._clock
+            self._log,
+            self._notifier,
+            self._consumers,
+            user_id,
+            spec,
+            self._settings,
+            self._clock,
+            self._metrics,
         )
         await subscription.open()
+        self._metrics.track(spec.consumer, subscription)
         return subscription
 
     async def acknowledge(
@@ -1510,6 +1547,10 @@ class EventsDomain:
             current.setdefault(record.run_id, {})[record.seq] = changed[(record.run_id, record.seq)] = acked
 
         results: list[AckResult] = []
+        # For tracing: the ids of each result's events, and (by result index)
+        # the run and seq through which a stale cumulative ack reaches.
+        about: list[list[str]] = []
+        stale_at: dict[int, tuple[str, int]] = {}
         for event_id in event_ids:
             found = records.get(event_id)
             record = current.get(found.run_id, {}).get(found.seq, found) if found is not None else None
@@ -1521,25 +1562,31 @@ class EventsDomain:
                 settle(record)
                 outcome = AckOutcome.ACCEPTED
             results.append(AckResult(outcome, event_id=event_id))
+            about.append([event_id])
         for ack in cumulative:
             state = states.get(ack.run_id)
             if state is None:
                 results.append(AckResult(AckOutcome.UNKNOWN, cumulative=ack))
+                about.append([])
                 continue
             above = current[ack.run_id]
-            pending = [
-                r for r in above.values() if r.state is DeliveryState.PENDING and r.seq <= ack.through_seq
-            ]
+            pending = sorted(
+                (r for r in above.values() if r.state is DeliveryState.PENDING and r.seq <= ack.through_seq),
+                key=lambda r: r.seq,
+            )
             for record in pending:
                 settle(record)
             delivered_through = max([state.position.acked_through, *above])
+            covered = min(ack.through_seq, delivered_through)
             if pending:
                 outcome = AckOutcome.ACCEPTED
-            elif min(ack.through_seq, delivered_through) > 0:
+            elif covered > 0:
                 outcome = AckOutcome.STALE
+                stale_at[len(results)] = (ack.run_id, covered)
             else:
                 outcome = AckOutcome.UNKNOWN
             results.append(AckResult(outcome, cumulative=ack))
+            about.append([r.event_id for r in pending])
         if changed:
             positions = []
             for run_id in {run_id for run_id, _ in changed} & states.keys():
@@ -1548,7 +1595,27 @@ class EventsDomain:
                 through = advance_watermark(position.acked_through, settled)
                 positions.append(ConsumerPosition(run_id, position.epoch, through))
             await self._log.save_consumer(user_id, consumer, positions, list(changed.values()))
-        return AckReport(tuple(results))
+        return AckReport(await self._with_events(user_id, results, about, stale_at))
+
+    async def _with_events(
+        self,
+        user_id: str,
+        results: Sequence[AckResult],
+        about: Sequence[Sequence[str]],
+        stale_at: Mapping[int, tuple[str, int]],
+    ) -> tuple[AckResult, ...]:
+        """The results with the caller's events they are about (see `AckResult.events`)."""
+        wanted = {event_id for ids in about for event_id in ids}
+        found = await self._log.events_by_id(wanted) if wanted else {}
+        mine = {event_id: event for event_id, event in found.items() if event.user_id == user_id}
+        answered = []
+        for index, (result, ids) in enumerate(zip(results, about, strict=True)):
+            events = tuple(mine[event_id] for event_id in ids if event_id in mine)
+            if index in stale_at:
+                reached = await _events_at(self._log, *stale_at[index])
+                events = tuple(event for event in reached if event.user_id == user_id)
+            answered.append(dataclasses.replace(result, events=events))
+        return tuple(answered)
 
     async def trim(self, now: datetime) -> dict[str, int]:
         """One retention pass (both rules off: nothing to do)."""

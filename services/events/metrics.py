@@ -12,6 +12,14 @@ tracked while open, for the pending-acknowledgement gauge.
 | `switchboard.events.dead_letters` (`..._dead_letters_total`) | events dead-lettered after the maximum attempts |
 | `switchboard.events.pending_acks` (`..._pending_acks`) | events delivered to open subscriptions and not yet settled |
 
+`pending_acks` counts what this process's open subscriptions are waiting
+on, so with replicas the total is the sum over instances. Deliveries that a
+durable consumer left unacknowledged when its connection ended are not in it
+(they are redelivered, and counted again, when it reconnects; GetDeliveryStatus
+shows them per run): a log-wide count would be reported once per replica, and
+Redis has no cheap count across consumers. The series of a consumer with no
+open subscription is absent rather than 0.
+
 Every series is labelled by consumer, `messaging_consumer_group_name`: the
 durable consumer's name, or "_ephemeral" for subscriptions without one. Names
 are chosen by clients and not unique across users (users' consumers of the same

@@ -71,7 +71,8 @@ their state in memory only. On shutdown every stream ends with UNAVAILABLE
 (reason SHUTTING_DOWN): reconnect.
 
 Every ack or nack on the stream re-verifies the stream's token: once it is
-revoked or expired the stream ends with UNAUTHENTICATED.
+revoked or expired the stream ends with UNAUTHENTICATED (refusals are counted
+like any other, `switchboard.token.verification.failures`).
 
 Acknowledge (unary) acts on a durable consumer of the caller's, whether or not
 a stream of it is open (on another replica, that stream takes the ack in). ListEvents pages a run's history by seq (owner only).
@@ -85,10 +86,13 @@ are removed whoever has read them; events older than SETTLED_AGE_SECONDS are
 removed once every durable consumer with a position on their run settled them.
 A run keeps its owner, epoch and last seq after its events are gone.
 
-Tracing: each EventBatch sent is one `events.deliver` span, a child of the
-producing span of the batch's first event (so the first delivery of every
-event is in its run's trace), linked to every event's producing span and to
-the Subscribe call.
+Tracing (services.events.spans): each EventBatch sent is an `events.deliver`
+span and each dead-letter marker an `events.dead_letter` span; each ack or
+nack message (stream or unary) is an `events.ack` / `events.nack` span per run
+it names, with the outcome. All of them sit in the run's trace, under the
+span that produced the first event they are about, and link to every such
+event's producing span and to the carrying RPC. Publish's server span names
+the batch's size and, when the batch is one run's, the run.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -104,12 +109,12 @@ from google.protobuf import duration_pb2, json_format
 from opentelemetry import trace
 from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_pb2_grpc
 
-from services.common.auth import Role, TokenVerifier, bearer_token
+from services.common.auth import Role, TokenVerifier
 from services.common.convert import duration, from_timestamp, seconds, struct, timestamp, utcnow
 from services.common.errors import FieldViolation, InvalidArgument, Violations
 from services.common.interceptors import principal_of
 from services.common.pagination import next_page_token, page_request
-from services.common.tracing import ATTR_EVENT_SEQ, ATTR_RUN_ID, ATTR_USER_ID, context_from_carrier
+from services.common.tracing import ATTR_RUN_ID, ATTR_USER_ID
 from services.events.domain import (
     CONSUMER_NAME_PATTERN,
     DEFAULT_ACK_DEADLINE_SECONDS,
@@ -140,12 +145,12 @@ from services.events.domain import (
     Subscription,
     SubscriptionSpec,
 )
+from services.events.spans import ATTR_BATCH_COUNT, ATTR_MESSAGING_SYSTEM, ATTR_OPERATION_NAME, EventSpans
 
 SERVICE_NAME = events_service_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 TRACEPARENT_PATTERN = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 MAX_STEP_ID_CHARS = 256
 MAX_TRACESTATE_CHARS = 512
-DELIVER_SPAN = "events.deliver"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -366,12 +371,17 @@ def output_to_proto(output: Output) -> events_service_pb2.SubscribeResponse:
     )
 
 
-def _span_context_of(traceparent: str, tracestate: str) -> trace.SpanContext | None:
-    carrier = {"traceparent": traceparent}
-    if tracestate:
-        carrier["tracestate"] = tracestate
-    context = trace.get_current_span(context_from_carrier(carrier)).get_span_context()
-    return context if context.is_valid else None
+def _describe_publish(batch: Sequence[NewEvent]) -> None:
+    """Names the batch on Publish's server span (the events keep their own contexts)."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attribute(ATTR_MESSAGING_SYSTEM, "switchboard")
+    span.set_attribute(ATTR_OPERATION_NAME, "publish")
+    span.set_attribute(ATTR_BATCH_COUNT, len(batch))
+    if len({event.run_id for event in batch}) == 1:
+        span.set_attribute(ATTR_RUN_ID, batch[0].run_id)
+        span.set_attribute(ATTR_USER_ID, batch[0].user_id)
 
 
 class EventsServicer(events_service_pb2_grpc.EventsServiceServicer):
@@ -384,7 +394,7 @@ class EventsServicer(events_service_pb2_grpc.EventsServiceServicer):
         self._domain = domain
         # Re-checks a stream's token on each ack (None: not re-checked).
         self._verifier = verifier
-        self._tracer = trace.get_tracer("switchboard.events", tracer_provider=tracer_provider)
+        self._spans = EventSpans(tracer_provider)
 
     async def Publish(
         self, request: events_service_pb2.PublishRequest, context: Context
@@ -397,6 +407,7 @@ class EventsServicer(events_service_pb2_grpc.EventsServiceServicer):
             violations.add("events", f"must hold at most {MAX_PUBLISH_BATCH} events")
         batch = [new_event(event, f"events[{i}]", violations) for i, event in enumerate(request.events)]
         violations.raise_if_any()
+        _describe_publish(batch)
         results = await self._domain.publish(batch, utcnow())
         return events_service_pb2.PublishResponse(
             results=[
@@ -454,11 +465,17 @@ class EventsServicer(events_service_pb2_grpc.EventsServiceServicer):
                         if not isinstance(output, DeliveryBatch):
                             yield output_to_proto(output)
                             continue
-                        span = self._delivery_span(output)
+                        spans = self._spans.start_delivery(
+                            output, consumer=spec.consumer, subscription_id=subscription.subscription_id
+                        )
+                        failure: BaseException | None = None
                         try:
                             yield output_to_proto(output)
+                        except BaseException as exc:
+                            failure = exc
+                            raise
                         finally:
-                            span.end()
+                            self._spans.end(spans, failure)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -479,47 +496,29 @@ class EventsServicer(events_service_pb2_grpc.EventsServiceServicer):
                 )
             if kind not in ("ack", "nack"):
                 raise InvalidArgument([FieldViolation("request", "must be ack or nack")])
+            received = time.time_ns()
             if self._verifier is not None:
-                await self._verifier.verify(bearer_token(tuple(context.invocation_metadata() or ())))
+                await self._verifier.verify_metadata(tuple(context.invocation_metadata() or ()))
             violations = Violations()
+            nack_delay: float | None = None
             if kind == "ack":
                 cumulative = acks_from_proto(request.ack.event_ids, request.ack.cumulative, "ack", violations)
                 violations.raise_if_any()
-                await subscription.acknowledge_from_stream(list(request.ack.event_ids), cumulative)
+                report = await subscription.acknowledge_from_stream(list(request.ack.event_ids), cumulative)
             else:
                 acks_from_proto(request.nack.event_ids, [], "nack", violations)
-                delay = _seconds(request.nack.delay)
-                violations.check(0 <= delay <= MAX_NACK_DELAY_SECONDS, "nack.delay", "must be 0-10m")
+                nack_delay = _seconds(request.nack.delay)
+                violations.check(0 <= nack_delay <= MAX_NACK_DELAY_SECONDS, "nack.delay", "must be 0-10m")
                 violations.raise_if_any()
-                await subscription.nack_from_stream(list(request.nack.event_ids), delay)
-
-    def _delivery_span(self, batch: DeliveryBatch) -> trace.Span:
-        """A span per batch: in the run's trace, linked to every event's producer."""
-        produced = [
-            context
-            for item in batch.items
-            if item.event.traceparent
-            and (context := _span_context_of(item.event.traceparent, item.event.tracestate)) is not None
-        ]
-        links = [trace.Link(context) for context in produced]
-        subscribe_call = trace.get_current_span().get_span_context()
-        if subscribe_call.is_valid:
-            links.append(trace.Link(subscribe_call, {"switchboard.link": "subscribe_call"}))
-        parent = trace.set_span_in_context(trace.NonRecordingSpan(produced[0])) if produced else None
-        seqs = [item.event.seq for item in batch.items]
-        return self._tracer.start_span(
-            DELIVER_SPAN,
-            context=parent,
-            kind=trace.SpanKind.PRODUCER,
-            links=links,
-            attributes={
-                ATTR_RUN_ID: batch.run_id,
-                ATTR_USER_ID: batch.user_id,
-                ATTR_EVENT_SEQ: seqs[0],
-                "switchboard.event.last_seq": seqs[-1],
-                "switchboard.delivery.count": len(seqs),
-            },
-        )
+                report = await subscription.nack_from_stream(list(request.nack.event_ids), nack_delay)
+            self._spans.acknowledged(
+                report,
+                user_id=subscription.user_id,
+                consumer=subscription.spec.consumer,
+                subscription_id=subscription.subscription_id,
+                nack_delay=nack_delay,
+                started=received,
+            )
 
     async def Acknowledge(
         self, request: events_service_pb2.AcknowledgeRequest, context: Context
@@ -532,8 +531,12 @@ class EventsServicer(events_service_pb2_grpc.EventsServiceServicer):
             violations.add("consumer", "must match ^[a-zA-Z0-9._-]{1,64}$")
         cumulative = acks_from_proto(request.event_ids, request.cumulative, "", violations)
         violations.raise_if_any()
+        received = time.time_ns()
         report = await self._domain.acknowledge(
             principal.user_id, request.consumer, list(request.event_ids), cumulative
+        )
+        self._spans.acknowledged(
+            report, user_id=principal.user_id, consumer=request.consumer, started=received
         )
         return events_service_pb2.AcknowledgeResponse(results=ack_results_to_proto(report))
 

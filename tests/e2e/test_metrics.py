@@ -12,13 +12,16 @@ import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from switchboard.auth.v1 import auth_service_pb2
+from switchboard.events.v1 import events_service_pb2
 from switchboard.executor.v1 import executor_service_pb2, run_pb2
 
-from tests.harness.clients import executor_stub, finished_run, start_run, subscribe_run
+from tests.harness.clients import events_stub, executor_stub, finished_run, start_run, subscribe_run
 from tests.harness.suite import Suite, metadata
+from tests.unit.events.streams import RawSubscription
 
 DURATION = "rpc_server_call_duration_seconds"
 FAILURES = "switchboard_token_verification_failures_total"
@@ -171,3 +174,84 @@ async def test_every_service_serves_the_common_series_after_a_run(suite: Suite) 
         assert {s.labels["rpc_system_name"] for s in samples if s.name == f"{DURATION}_count"} == {"grpc"}
         assert not [s for s in samples if s.labels.get("rpc_method", "").startswith("grpc.")], service
         assert {s.labels["error_type"] for s in samples if s.name == FAILURES} == set(REASONS), service
+
+
+# -- the events service's own series ---------------------------------------------
+
+EVENTS_DELIVERIES = "switchboard_events_deliveries_total"
+EVENTS_REDELIVERIES = "switchboard_events_redeliveries_total"
+EVENTS_DEAD_LETTERS = "switchboard_events_dead_letters_total"
+EVENTS_PENDING = "switchboard_events_pending_acks"
+PROBE_CONSUMER = "metrics-e2e-probe"  # this test's alone in the suite
+
+
+def by_consumer(samples: list[Sample], name: str, consumer: str) -> float:
+    return total(samples, name, messaging_consumer_group_name=consumer)
+
+
+async def test_events_series_follow_deliveries_acks_and_a_dead_letter(suite: Suite) -> None:
+    url = suite.metrics_url["events"]
+    before = await scrape(url)
+    _, token = await suite.create_user("metered-events")
+    run = await start_run(suite, token)
+    assert (await finished_run(suite, token, run.run_id)).state == run_pb2.RUN_STATE_SUCCEEDED
+    received = await subscribe_run(suite, token, run.run_id)  # ephemeral; acks every batch
+    assert len(received) >= 3
+
+    # Counted as they are sent: by the time the subscriber has them, they are in.
+    after_ephemeral = await scrape(url)
+    assert by_consumer(after_ephemeral, EVENTS_DELIVERIES, "_ephemeral") - by_consumer(
+        before, EVENTS_DELIVERIES, "_ephemeral"
+    ) >= len(received)
+
+    # A durable consumer, one event at a time, that nacks seq 1 until it is
+    # dead-lettered (the service's maximum attempts), then acks the rest.
+    opening = events_service_pb2.SubscriptionOpen(
+        run_id=run.run_id,
+        consumer=PROBE_CONSUMER,
+        max_in_flight=1,
+        ack_deadline=duration_pb2.Duration(seconds=600),
+    )
+    probe = RawSubscription(events_stub(suite), metadata(token), opening)
+    try:
+        attempts = 0
+        while True:
+            batch = (await probe.next("events")).deliveries
+            if batch[0].WhichOneof("item") == "dead_letter":
+                assert (batch[0].dead_letter.seq, batch[0].dead_letter.delivery_attempts) == (1, attempts)
+                unacked = [d.event for d in batch[1:]]
+                break
+            [delivery] = batch
+            assert (delivery.event.seq, delivery.delivery_attempt) == (1, attempts + 1)
+            attempts = delivery.delivery_attempt
+            probe.nack([delivery.event.event_id])
+        assert attempts >= 1
+        pending_seen = False
+        while True:
+            if not unacked:
+                response = await probe.read()
+                if response.WhichOneof("response") == "run_completed":
+                    break
+                if response.WhichOneof("response") == "events":
+                    unacked = [d.event for d in response.events.deliveries]
+                continue
+            if not pending_seen:  # one delivered, not yet acknowledged
+                assert by_consumer(await scrape(url), EVENTS_PENDING, PROBE_CONSUMER) == 1
+                pending_seen = True
+            probe.ack([e.event_id for e in unacked])
+            unacked = []
+        assert pending_seen
+
+        # Everything settled, the subscription still open: nothing pending.
+        samples = await scrape(url)
+        assert by_consumer(samples, EVENTS_PENDING, PROBE_CONSUMER) == 0
+
+        def increase(name: str) -> float:
+            return by_consumer(samples, name, PROBE_CONSUMER) - by_consumer(before, name, PROBE_CONSUMER)
+
+        # Seq 1 `attempts` times, every other event once (the ack deadline is far off).
+        assert increase(EVENTS_DELIVERIES) == attempts + len(received) - 1
+        assert increase(EVENTS_REDELIVERIES) == attempts - 1
+        assert increase(EVENTS_DEAD_LETTERS) == 1
+    finally:
+        probe.close()

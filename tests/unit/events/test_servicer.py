@@ -22,7 +22,8 @@ from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_
 from services.common.auth import TokenVerifier
 from services.common.server import ServiceParts, build_interceptors
 from services.events.domain import DeliverySettings, EventsDomain
-from services.events.servicer import DELIVER_SPAN, SERVICE_NAME, EventsServicer
+from services.events.servicer import SERVICE_NAME, EventsServicer
+from services.events.spans import ACK_SPAN, DEAD_LETTER_SPAN, DELIVER_SPAN, NACK_SPAN
 from services.events.storage import SqlEventLog
 from tests.unit.common.keys import AUDIENCE, ISSUER, Keys, Revocations
 
@@ -424,7 +425,83 @@ async def test_each_batch_is_a_delivery_span_in_the_runs_trace(server: Server) -
     attributes = dict(span.attributes or {})
     assert (attributes["switchboard.run_id"], attributes["switchboard.user_id"]) == ("r1", "user-a")
     assert attributes["switchboard.event.seq"] == 1
-    assert [link.context.span_id for link in span.links][:2] == [producer.span_id, producer.span_id]
+    assert list(attributes["switchboard.event.seqs"]) == [1, 2]  # type: ignore[arg-type]
+    # One producing span made both events: one link to it, naming them.
+    [link] = span.links
+    assert link.context.span_id == producer.span_id
+    assert list((link.attributes or {})["switchboard.event.seqs"]) == [1, 2]  # type: ignore[arg-type]
+
+
+async def test_acks_nacks_and_dead_letters_are_spans_in_the_runs_trace(server: Server) -> None:
+    producer = trace.SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True)
+    context = event_pb2.TraceContext(traceparent=TRACEPARENT)
+    await publish(server, event("r1", 1, trace_context=context), event("r1", 2, trace_context=context))
+    stream = Stream(
+        server,
+        events_service_pb2.SubscriptionOpen(
+            run_id="r1",
+            consumer="inbox",
+            max_in_flight=1,
+            start=events_service_pb2.StartPosition(from_beginning=True),
+        ),
+    )
+    try:
+        # Nacked at each of its 3 attempts (the server's maximum): dead-lettered.
+        for attempt in (1, 2, 3):
+            batch = await stream.next("events")
+            assert [(d.event.seq, d.delivery_attempt) for d in batch.deliveries] == [(1, attempt)]
+            stream.send(nack=events_service_pb2.NackRequest(event_ids=["r1-1"]))
+            await stream.next("ack_results")
+        # The marker, and seq 2 in the room it leaves, in one batch.
+        batch = await stream.next("events")
+        assert [(d.WhichOneof("item"), d.event.seq or d.dead_letter.seq) for d in batch.deliveries] == [
+            ("dead_letter", 1),
+            ("event", 2),
+        ]
+        unary = await server.stub.Acknowledge(
+            events_service_pb2.AcknowledgeRequest(consumer="inbox", event_ids=["r1-2"]),
+            metadata=server.token("user-a"),
+        )
+        assert [r.outcome for r in unary.results] == [events_service_pb2.ACK_OUTCOME_ACCEPTED]
+        stream.send(ack=events_service_pb2.AckRequest(event_ids=["r1-2"]))
+        results = await stream.next("ack_results")
+        assert [r.outcome for r in results.results] == [events_service_pb2.ACK_OUTCOME_STALE]
+    finally:
+        stream.close()
+
+    def spans(name: str) -> list[Any]:
+        found = [s for s in server.spans.get_finished_spans() if s.name == name]
+        for span in found:  # every one in the run's trace, under the events' producer
+            assert span.parent is not None
+            assert (span.parent.trace_id, span.parent.span_id) == (producer.trace_id, producer.span_id)
+            assert producer.span_id in [link.context.span_id for link in span.links]
+        return found
+
+    def attribute(span: Any, name: str) -> Any:
+        return dict(span.attributes or {})[name]
+
+    delivered = spans(DELIVER_SPAN)
+    assert [
+        (attribute(s, "switchboard.event.seq"), attribute(s, "switchboard.event.attempt")) for s in delivered
+    ] == [
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (2, 1),
+    ]
+    assert {attribute(s, "messaging.consumer.group.name") for s in delivered} == {"inbox"}
+    nacks = spans(NACK_SPAN)
+    assert [attribute(s, "switchboard.ack.outcome") for s in nacks] == ["accepted"] * 3
+    [dead] = spans(DEAD_LETTER_SPAN)
+    assert dead.status.status_code is trace.StatusCode.ERROR
+    assert attribute(dead, "switchboard.event.seq") == 1
+    acks = spans(ACK_SPAN)
+    assert [
+        (attribute(s, "messaging.message.id"), attribute(s, "switchboard.ack.outcome")) for s in acks
+    ] == [
+        ("r1-2", "accepted"),  # unary
+        ("r1-2", "stale"),  # on the stream, after it
+    ]
 
 
 async def test_admin_and_service_roles_get_no_special_read_access(server: Server) -> None:
