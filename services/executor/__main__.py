@@ -16,6 +16,7 @@ from services.common.channels import ServiceCredentials
 from services.common.config import load_config
 from services.common.db import create_engine, migrate
 from services.common.server import Runtime, ServiceParts, database_ready, run
+from services.executor.admission import AdmissionLimits
 from services.executor.breaker import BreakerRegistry, BreakerSettings, BreakerState
 from services.executor.clients import CachedAgents, GrpcEventPublisher, GrpcWorkers, RegistryAgents
 from services.executor.config import ExecutorConfig
@@ -24,13 +25,13 @@ from services.executor.journal import RunJournal, RunSignals
 from services.executor.outbox import OutboxRelay
 from services.executor.runner import Runner
 from services.executor.runs import RunService
-from services.executor.scheduler import Admission
 from services.executor.servicer import ExecutorServicer, service_names
 from services.executor.storage import SqlRunStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 log = logging.getLogger("switchboard.executor.breaker")
+replica_log = logging.getLogger("switchboard.executor")
 
 
 def settings_of(config: ExecutorConfig) -> ExecutorSettings:
@@ -64,7 +65,11 @@ async def build(runtime: Runtime) -> ServiceParts:
     assert isinstance(config, ExecutorConfig)
     url = config.effective_database_url()
     await asyncio.to_thread(migrate, url, MIGRATIONS)
-    store = SqlRunStore(create_engine(url))
+    replica_id = config.effective_replica_id()
+    store = SqlRunStore(create_engine(url), replica_id=replica_id, lease_seconds=config.lease_seconds)
+    replica_log.info(
+        "executor replica", extra={"replica_id": replica_id, "lease_seconds": config.lease_seconds}
+    )
 
     verification = runtime.remote_verification()
     credentials = ServiceCredentials(runtime.auth_stub(), config.service_username, config.service_password)
@@ -97,14 +102,15 @@ async def build(runtime: Runtime) -> ServiceParts:
             breakers=breakers_of(config),
             compensation_timeout_seconds=config.compensation_timeout_seconds,
         ),
-        admission=Admission(config.max_active_runs, config.max_active_runs_per_user),
+        limits=AdmissionLimits(config.max_active_runs, config.max_active_runs_per_user),
         published=relay,
         settings=settings_of(config),
         admission_poll_seconds=config.admission_poll_seconds,
+        lease_seconds=config.lease_seconds,
     )
-    # Before serving: the attempts a previous process left running are marked
-    # interrupted before anything starts; they resume (retried per policy) with
-    # the queue in `start`.
+    # Before serving: the attempts that a previous life of this replica, or a
+    # replica that is gone, left running are marked interrupted before
+    # anything starts; they resume (retried per policy) in `start`.
     await runs.recover()
 
     async def credentials_work() -> bool:
@@ -120,7 +126,7 @@ async def build(runtime: Runtime) -> ServiceParts:
     async def start() -> None:
         verification.revocations.start()
         relay.start()
-        await runs.resume_queued()
+        await runs.start()
 
     async def stop() -> None:
         await runs.stop()

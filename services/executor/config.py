@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import uuid
 from typing import Self
 
 from pydantic import Field, model_validator
@@ -40,6 +42,16 @@ class ExecutorConfig(ServiceConfig):
     # max_concurrency takes effect when nothing else happens.
     admission_poll_seconds: float = Field(default=1.0, gt=0, le=60)
 
+    # Replicas (several executors on one PostgreSQL database). This process's
+    # name among them; empty: "<host name>:<port>", so that a replica that
+    # restarts where it ran takes its own runs back at once.
+    replica_id: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9._:@-]*$")
+    # A replica holds each run it executes under a lease of this length,
+    # renewed every third of it. When a replica dies, the others take its
+    # runs over once their leases expire (a shorter lease: a quicker takeover,
+    # more renewals).
+    lease_seconds: float = Field(default=10.0, ge=1, le=600)
+
     # The circuit breaker of each agent endpoint: this many consecutive failed
     # attempts open it; after the reset timeout, up to `half_open_max_calls`
     # trial calls go through and `success_threshold` successes close it.
@@ -69,6 +81,13 @@ class ExecutorConfig(ServiceConfig):
 
     # WaitRun with no timeout and no call deadline waits this long.
     wait_run_default_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+    def effective_replica_id(self) -> str:
+        if self.replica_id:
+            return self.replica_id
+        # Port 0 picks a new port at every start: a name of its own then.
+        where = str(self.port) if self.port else uuid.uuid4().hex[:12]
+        return f"{socket.gethostname()[: 63 - len(where)]}:{where}"
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Self:

@@ -134,6 +134,18 @@ STEP_TRANSITIONS: Mapping[StepState, frozenset[StepState]] = {
 }
 
 
+class LeaseLost(Exception):
+    """A write carried a fence the run no longer has: another replica claimed
+    the run after this one's lease expired. Nothing was written; whoever
+    wrote should stop working on the run."""
+
+    def __init__(self, run_id: str, fence: int, current: int) -> None:
+        super().__init__(f"run {run_id}: fence {fence} was superseded by {current}")
+        self.run_id = run_id
+        self.fence = fence
+        self.current = current
+
+
 class InvalidTransition(FailedPrecondition):
     def __init__(self, what: str, current: str, target: str) -> None:
         super().__init__(
@@ -289,6 +301,11 @@ class RunRecord:
     # The admission tick (fair queue round-robin) when the run left the queue;
     # 0 while it waits.
     admission: int = 0
+    # The replica that holds the run ("" while it waits to be admitted) and
+    # the fencing token of that claim (see `admission`). Storage sets them;
+    # a change never does.
+    owner: str = ""
+    fence: int = 0
 
     @property
     def is_workflow(self) -> bool:
@@ -1142,19 +1159,26 @@ class RunStore(Protocol):
         self, user_id: str, run_filter: RunFilter, limit: int, after: PageKey | None
     ) -> list[RunRecord]: ...
 
-    async def update_run(self, run_id: str, decide: Decide) -> tuple[RunRecord, bool] | None:
+    async def update_run(
+        self, run_id: str, decide: Decide, fence: int | None = None
+    ) -> tuple[RunRecord, bool] | None:
         """In one transaction: reads the run (locked), asks `decide` for a
         change and writes it with its events. Returns the run afterwards and
-        whether anything changed, or None for an unknown run."""
+        whether anything changed, or None for an unknown run. With a `fence`
+        (a replica's write while it runs the run), raises LeaseLost and writes
+        nothing unless the run still has that fence."""
         ...
 
     async def runs_in_state(self, state: RunState) -> list[RunRecord]:
         """Every run in `state`, oldest first."""
         ...
 
-    async def admission_ticks(self) -> tuple[int, dict[str, int]]:
-        """The fair queue's round-robin state: the newest admission tick of
-        all, and each waiting user's newest one (users never admitted are absent)."""
+    async def queued_count(self, user_id: str | None = None) -> int:
+        """Runs waiting to be admitted (of one user, or of all)."""
+        ...
+
+    async def overdue_queued(self, limit: int) -> list[str]:
+        """Waiting runs whose deadline has passed, soonest first."""
         ...
 
 

@@ -2,7 +2,8 @@
 
 Every change to a run goes through `RunJournal.apply`: one transaction for the
 state change and its events, then the WaitRun waiters of that run are woken
-and the outbox relay is told there is something to publish.
+and the outbox relay is told there is something to publish. (Waiters in other
+replicas are woken by the store's notices, see `RunService.run_changed`.)
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class RunSignals:
         for event in self._waiters.get(run_id, ()):
             event.set()
 
+    def changed_all(self) -> None:
+        """Every waiter looks again (changes may have gone unnoticed)."""
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
+
     def watched(self) -> int:
         return sum(len(w) for w in self._waiters.values())
 
@@ -48,10 +55,13 @@ class RunJournal:
         self._signals = signals
         self._events_added = events_added
 
-    async def apply(self, run_id: str, decide: Decide) -> tuple[RunRecord, bool] | None:
+    async def apply(
+        self, run_id: str, decide: Decide, fence: int | None = None
+    ) -> tuple[RunRecord, bool] | None:
         """Applies `decide`'s change to the run; (run afterwards, changed), or
-        None for an unknown run."""
-        outcome = await self._store.update_run(run_id, decide)
+        None for an unknown run. A replica running the run passes the fence it
+        claimed it with: LeaseLost if another claim superseded it."""
+        outcome = await self._store.update_run(run_id, decide, fence)
         if outcome is not None and outcome[1]:
             self._signals.changed(run_id)
             self._events_added()

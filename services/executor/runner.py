@@ -16,8 +16,11 @@ other steps are cancelled, the steps still running end, the compensation
 agents of the succeeded steps run (last completed first, each with the output
 of the step it undoes, within `compensation_timeout_seconds`), and the run
 ends. Every state change is decided by a pure rule in `domain` and written
-with its events in one transaction; a crash at any point resumes from the
-database (see `RunService.recover`).
+with its events in one transaction, carrying the fence of this replica's
+claim on the run; a crash at any point resumes from the database (see
+`RunService.recover`). When the claim is lost (a write refused with
+LeaseLost, or the lease keeper gave the run up), the execution stops where it
+is and writes nothing more: the replica that holds the run now recovers it.
 
 Tracing: the run's execution continues the trace of its StartRun span (an
 `executor.run` span whose parent is the carrier stored with the run) and
@@ -68,6 +71,7 @@ from services.executor.domain import (
     ExecutionContext,
     Failure,
     Heartbeat,
+    LeaseLost,
     Result,
     RunError,
     RunRecord,
@@ -80,7 +84,6 @@ from services.executor.domain import (
     ToolStarted,
     WorkerCallCancelled,
     WorkerConnector,
-    admit_run,
     begin_attempt,
     begin_compensation,
     complete_compensation,
@@ -167,15 +170,17 @@ class Runner:
         run = await self.store.get_run(ticket.run_id)
         if run is None or run.state.terminal:
             return  # cancelled or expired while it waited
-        if ticket.tick and run.state is RunState.QUEUED:
-            tick = ticket.tick
-            await self.journal.apply(run.run_id, lambda r: admit_run(r, tick))
+        if run.fence != ticket.fence:
+            return  # claimed again meanwhile: not this execution's any more
         with self.tracer.start_as_current_span(
             "executor.run",
             context=context_from_carrier(dict(run.trace_carrier)),
             attributes={ATTR_RUN_ID: run.run_id, ATTR_AGENT: run.agent, ATTR_USER_ID: run.user_id},
         ):
-            await RunExecution(self, run, handle, slots).run()
+            try:
+                await RunExecution(self, run, handle, slots, ticket.fence).run()
+            except LeaseLost:
+                log.info("stopped: another replica holds the run now", extra={"run_id": run.run_id})
 
     def decide(
         self, attempt: int, error: RunError, agent: AgentSpec, context: ExecutionContext
@@ -200,13 +205,17 @@ class Runner:
         handle: RunHandle | None,
         *,
         compensation: bool = False,
+        fence: int | None = None,
     ) -> AttemptOutcome | None:
         """One attempt of a step (or of its compensation); None when it no
-        longer applies or was stopped (the run ended or is ending elsewhere)."""
+        longer applies or was stopped (the run ended or is ending elsewhere).
+        Every write carries `fence` (LeaseLost when it was superseded)."""
         step_id, attempt = context.step_id, context.attempt
         begin = begin_compensation if compensation else begin_attempt
         now, carrier = self.clock(), current_trace_carrier()
-        started = await shielded(self.journal, run_id, lambda r: begin(r, step_id, attempt, now, carrier))
+        started = await shielded(
+            self.journal, run_id, lambda r: begin(r, step_id, attempt, now, carrier), fence
+        )
         if started is None or not started[1]:
             return None
         remaining = context.remaining_seconds(self.clock())
@@ -235,7 +244,15 @@ class Runner:
         outcome: AttemptOutcome | None = None
         try:
             outcome = await self._stream(
-                run_id, agent, input, context, handle, budget, out_of_time, compensation=compensation
+                run_id,
+                agent,
+                input,
+                context,
+                handle,
+                budget,
+                out_of_time,
+                compensation=compensation,
+                fence=fence,
             )
         finally:
             _give_verdict(breaker, permit, outcome)
@@ -258,11 +275,13 @@ class Runner:
         out_of_time: Failed,
         *,
         compensation: bool,
+        fence: int | None,
     ) -> AttemptOutcome | None:
         attempt_deadline = self.monotonic() + budget
         session = await self.workers.open(agent, input, context, budget)
         if handle is not None:
-            handle.attach(session)
+            # A compensation runs on through a stop request; only losing the run ends it.
+            handle.attach(session, survives_stop=compensation)
         try:
             while True:
                 remaining = attempt_deadline - self.monotonic()
@@ -311,6 +330,7 @@ class Runner:
                                 carrier=carrier,
                                 compensation=compensation,
                             ),
+                            fence,
                         )
                         if written is None or written[0].state.terminal:
                             return None
@@ -332,17 +352,23 @@ def _give_verdict(breaker: CircuitBreaker, permit: Permit, outcome: AttemptOutco
         breaker.record_success(permit)
 
 
-async def shielded(journal: RunJournal, run_id: str, decide: Decide) -> tuple[RunRecord, bool] | None:
+async def shielded(
+    journal: RunJournal, run_id: str, decide: Decide, fence: int | None = None
+) -> tuple[RunRecord, bool] | None:
     """A change written even if the task asking for it is being cancelled
     (a stopped step), so no transaction is cut off halfway; the state
-    machine refuses whatever no longer applies."""
-    return await asyncio.shield(journal.apply(run_id, decide))
+    machine refuses whatever no longer applies, and storage whatever a
+    superseded claim writes (LeaseLost)."""
+    return await asyncio.shield(journal.apply(run_id, decide, fence))
 
 
 class RunExecution:
-    def __init__(self, runner: Runner, run: RunRecord, handle: RunHandle, slots: AgentSlots) -> None:
+    def __init__(
+        self, runner: Runner, run: RunRecord, handle: RunHandle, slots: AgentSlots, fence: int
+    ) -> None:
         self.runner = runner
         self.run_id = run.run_id
+        self.fence = fence
         self.context = run.context()
         self.handle = handle
         self.slots = slots
@@ -351,7 +377,7 @@ class RunExecution:
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     async def _write(self, decide: Decide) -> tuple[RunRecord, bool] | None:
-        return await shielded(self.runner.journal, self.run_id, decide)
+        return await shielded(self.runner.journal, self.run_id, decide, self.fence)
 
     async def _stop(self, state: RunState, error: RunError) -> None:
         now, carrier = self.runner.clock(), current_trace_carrier()
@@ -366,9 +392,13 @@ class RunExecution:
     async def _loop(self) -> None:
         while True:
             self.handle.wakeup.clear()
+            if self.handle.lost:
+                raise LeaseLost(self.run_id, self.fence, -1)
             run = await self.runner.store.get_run(self.run_id)
             if run is None or run.state.terminal:
                 return
+            if run.fence != self.fence:
+                raise LeaseLost(self.run_id, self.fence, run.fence)
             if run.ending is not None:
                 await self._wind_down()
                 return
@@ -414,11 +444,17 @@ class RunExecution:
         self.handle.request_stop()
         tasks = list(self.tasks.values())
         self.tasks.clear()
-        _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
-        for task in pending:
-            task.cancel()
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            if isinstance(outcome, Exception):
+        try:
+            await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
+        finally:
+            # Also when this execution is itself cancelled (the replica stops):
+            # no step outlives it, and each gives its agent slot back.
+            for task in tasks:
+                task.cancel()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for outcome in outcomes:
+            # A step that found the run lost has nothing to report.
+            if isinstance(outcome, Exception) and not isinstance(outcome, LeaseLost):
                 log.error("step failed while stopping", exc_info=outcome, extra={"run_id": self.run_id})
 
     # -- steps -------------------------------------------------------------------
@@ -442,7 +478,7 @@ class RunExecution:
         if not self.needs_slots:
             await self._attempts(run, step, agent)
             return
-        async with self.slots.slot(agent.name):
+        async with self.slots.slot(agent.name, run_id=self.run_id, fence=self.fence, step_id=step_id):
             await self._attempts(run, step, agent)
 
     def _input(self, run: RunRecord, step: StepRecord, agent: AgentSpec) -> dict[str, Any] | RunError:
@@ -489,7 +525,9 @@ class RunExecution:
             with self.runner.tracer.start_as_current_span(
                 "executor.attempt", attributes=_attempt_attributes(context, agent)
             ) as span:
-                outcome = await self.runner.attempt(self.run_id, agent, input, context, self.handle)
+                outcome = await self.runner.attempt(
+                    self.run_id, agent, input, context, self.handle, fence=self.fence
+                )
                 if isinstance(outcome, Failed):
                     span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.error.reason))
                 delay = await self._record_outcome(context, agent, outcome)
@@ -580,7 +618,9 @@ class RunExecution:
         async with contextlib.AsyncExitStack() as stack:
             try:
                 async with asyncio.timeout(base.remaining_seconds(self.runner.clock())):
-                    await stack.enter_async_context(self.slots.slot(agent.name))
+                    await stack.enter_async_context(
+                        self.slots.slot(agent.name, run_id=self.run_id, fence=self.fence, step_id=step_id)
+                    )
             except TimeoutError:
                 await self._fail_compensation(step_id, 0, run_deadline_error())
                 return
@@ -598,7 +638,7 @@ class RunExecution:
                 attributes={**_attempt_attributes(context, agent), ATTR_COMPENSATION: True},
             ) as span:
                 outcome = await self.runner.attempt(
-                    self.run_id, agent, input, context, None, compensation=True
+                    self.run_id, agent, input, context, self.handle, compensation=True, fence=self.fence
                 )
                 if isinstance(outcome, Failed):
                     span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.error.reason))

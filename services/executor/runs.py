@@ -6,6 +6,12 @@ NOT_FOUND as for a run that does not exist, admins included).
 A new run waits QUEUED (a row in the database) until the fair queue admits it
 (`scheduler`); past `max_queued_runs_per_user` waiting runs, StartRun refuses
 with RESOURCE_EXHAUSTED (USER_QUEUE_FULL) and a RetryInfo.
+
+Replicas: any number of executor processes may share one PostgreSQL database
+(see `admission`). Every RPC works on every replica, for every run. A replica
+whose lease on a run expired (it died) is replaced: each replica looks for
+such runs every third of a lease, claims them and recovers them exactly as
+after a restart.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import trace
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.common.convert import utcnow
 from services.common.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted, Unavailable
@@ -33,6 +40,7 @@ from services.common.tracing import (
     current_trace_carrier,
     trace_id_hex,
 )
+from services.executor.admission import AdmissionLimits, AdmissionStore, Claim
 from services.executor.domain import (
     EXECUTOR_ERROR,
     EXECUTOR_RESTARTED,
@@ -43,6 +51,7 @@ from services.executor.domain import (
     AgentSpec,
     ExecutionContext,
     ExecutorSettings,
+    LeaseLost,
     PageKey,
     RunError,
     RunFilter,
@@ -62,7 +71,7 @@ from services.executor.fair_queue import DEFAULT_AGENT_MAX_CONCURRENCY
 from services.executor.journal import RunJournal, RunSignals
 from services.executor.outbox import PublishWatch
 from services.executor.runner import Runner, run_deadline_error
-from services.executor.scheduler import Admission, RunHandle, Scheduler, Ticket
+from services.executor.scheduler import Loops, RunHandle, Scheduler, Ticket
 from services.executor.workflow import (
     WORKFLOW_INVALID,
     InputMappingError,
@@ -75,6 +84,12 @@ if TYPE_CHECKING:
     from services.common.auth import Principal
 
 log = logging.getLogger("switchboard.executor")
+
+# Runs claimed per takeover transaction.
+TAKEOVER_BATCH = 100
+# WaitRun looks at the run again at least this often, should a change made by
+# another replica go unannounced.
+WAIT_RECHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,29 +109,31 @@ class PublishWatcher(Protocol):
     def watch(self, event_id: str) -> contextlib.AbstractContextManager[PublishWatch]: ...
 
 
+class ExecutorStore(RunStore, AdmissionStore, Protocol):
+    """The shared database, as one replica sees it."""
+
+
 def run_not_found(run_id: str) -> NotFound:
     return NotFound(f"run {run_id!r} not found", reason=RUN_NOT_FOUND, metadata={"run_id": run_id})
-
-
-def _ticket(run: RunRecord) -> Ticket:
-    return Ticket(create_time=run.create_time, run_id=run.run_id, user_id=run.user_id, agent=run.agent)
 
 
 class RunService:
     def __init__(
         self,
         *,
-        store: RunStore,
+        store: ExecutorStore,
         journal: RunJournal,
         signals: RunSignals,
         agents: AgentDirectory,
         runner: Runner,
-        admission: Admission,
+        limits: AdmissionLimits,
         published: PublishWatcher,
         settings: ExecutorSettings,
         tracer: trace.Tracer | None = None,
         clock: Callable[[], datetime] = utcnow,
         admission_poll_seconds: float = 1.0,
+        lease_seconds: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._journal = journal
@@ -127,20 +144,27 @@ class RunService:
         self._settings = settings
         self._tracer = tracer or trace.get_tracer("switchboard.executor")
         self._clock = clock
+        self._monotonic = monotonic
         self.scheduler = Scheduler(
-            admission,
+            store,
             self._execute,
             on_crash=self._crashed,
+            limits=limits,
             agent_limit=self._agent_limit,
             poll_seconds=admission_poll_seconds,
+            lease_seconds=lease_seconds,
+            monotonic=monotonic,
         )
         # Deadlines of queued runs: a run can time out before it ever starts.
         self._queue_deadlines: dict[str, asyncio.TimerHandle] = {}
         self._chores: set[asyncio.Task[None]] = set()
         # StartRuns of each user between the queue-cap check and the queue.
         self._starting: collections.Counter[str] = collections.Counter()
-        # Runs that were running when the previous process stopped.
-        self._interrupted: list[RunRecord] = []
+        # Runs recovered at start-up, with when their claim holds until, to resume.
+        self._recovered: list[tuple[Ticket, float]] = []
+        # Set to look for runs to take over now (a replica handed its runs over).
+        self._takeover = asyncio.Event()
+        self._loops = Loops(lease_seconds / 3)
 
     # -- use cases -----------------------------------------------------------
 
@@ -149,12 +173,13 @@ class RunService:
             existing = await self._store.find_run_by_request(principal.user_id, command.request_id)
             if existing is not None:
                 return existing
-        # Counted as waiting from the check until StartRun answers, so that
-        # concurrent StartRuns cannot all pass the check. (Once queued, the run
-        # counts twice for a moment: the cap errs on the safe side.)
-        self._check_queue_room(principal.user_id)
+        # Counted as waiting from before the check until StartRun answers, so
+        # that concurrent StartRuns here cannot all pass the check. (Once
+        # queued, the run counts twice for a moment: the cap errs on the safe
+        # side. StartRuns on other replicas at the same moment may each pass.)
         self._starting[principal.user_id] += 1
         try:
+            await self._check_queue_room(principal.user_id)
             return await self._start(principal, command)
         finally:
             self._unreserve(principal.user_id)
@@ -208,8 +233,9 @@ class RunService:
         if self._starting[user_id] <= 0:
             del self._starting[user_id]
 
-    def _check_queue_room(self, user_id: str) -> None:
-        waiting = self.scheduler.admission.queued_count(user_id) + self._starting[user_id]
+    async def _check_queue_room(self, user_id: str) -> None:
+        # This StartRun's own reservation is not a waiting run yet.
+        waiting = await self._store.queued_count(user_id) + self._starting[user_id] - 1
         limit = self._settings.max_queued_runs_per_user
         if waiting >= limit:
             raise ResourceExhausted(
@@ -314,51 +340,37 @@ class RunService:
                 if remaining <= 0:
                     return run, False
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
+                    async with asyncio.timeout(min(remaining, WAIT_RECHECK_SECONDS)):
                         await changed.wait()
 
     # -- life cycle ----------------------------------------------------------
 
     async def recover(self) -> int:
-        """At start-up, before serving: the attempts a previous process left
-        running failed (EXECUTOR_RESTARTED); their steps wait RETRYING and the
-        runs resume with `resume_queued`, where each agent's retry policy
+        """At start-up, before serving: claims the runs whose replica is gone
+        (their lease expired, or they were held under this replica's own id
+        before it restarted; never a live replica's), and fails the attempts
+        they had in progress (EXECUTOR_RESTARTED). Their steps wait RETRYING
+        and the runs resume with `start`, where each agent's retry policy
         decides whether another attempt follows. None stays RUNNING for good.
-        Returns how many runs were interrupted."""
-        stranded = await self._store.runs_in_state(RunState.RUNNING)
-        error = RunError(
-            "ABORTED", EXECUTOR_RESTARTED, "the executor restarted while the attempt was in progress"
-        )
-        self._interrupted = []
-        for run in stranded:
-            with self._in_run_trace("executor.recover", run):
-                now, carrier = self._clock(), current_trace_carrier()
-                outcome = await self._journal.apply(
-                    run.run_id,
-                    functools.partial(interrupt_run, error=error, now=now, carrier=carrier),
-                )
-            if outcome is not None and not outcome[0].state.terminal:
-                self._interrupted.append(outcome[0])
-        if stranded:
-            log.warning("resuming runs interrupted by a restart", extra={"runs": len(stranded)})
-        return len(stranded)
+        Returns how many runs were recovered."""
+        self._recovered = await self._take_over(reclaim_own=True)
+        if self._recovered:
+            log.warning("resuming runs interrupted by a restart", extra={"runs": len(self._recovered)})
+        return len(self._recovered)
 
-    async def resume_queued(self) -> int:
-        """Resumes the interrupted runs and queues the runs that were waiting
-        when the previous process stopped, then starts admitting. Returns how
-        many were queued."""
-        newest, per_user = await self._store.admission_ticks()
-        self.scheduler.admission.restore_ticks(newest, per_user)
-        for run in self._interrupted:
-            self.scheduler.resume(_ticket(run))
-        self._interrupted = []
-        queued = await self._store.runs_in_state(RunState.QUEUED)
-        for run in queued:
-            self._admit(run)
+    async def start(self) -> None:
+        """Resumes the recovered runs, then starts admitting, renewing leases,
+        taking over the runs of replicas that are gone, timing out runs that
+        waited past their deadline, and listening to the other replicas."""
+        for ticket, valid_until in self._recovered:
+            self.scheduler.resume(ticket, valid_until)
+        self._recovered = []
         self.scheduler.start()
-        return len(queued)
+        self._loops.start("takeover", self._look_after_replicas)
+        self._loops.start("replica-notices", functools.partial(self._store.listen, self))
 
     async def stop(self) -> None:
+        await self._loops.stop()
         for timer in self._queue_deadlines.values():
             timer.cancel()
         self._queue_deadlines.clear()
@@ -366,6 +378,80 @@ class RunService:
         for chore in list(self._chores):
             chore.cancel()
         await asyncio.gather(*self._chores, return_exceptions=True)
+
+    # -- other replicas (ReplicaNotices) -----------------------------------------
+
+    def run_changed(self, run_id: str) -> None:
+        self._signals.changed(run_id)
+        self.scheduler.poke(run_id)
+
+    def admission_changed(self) -> None:
+        self.scheduler.wake()
+
+    def leases_released(self) -> None:
+        self._takeover.set()
+
+    def resync(self) -> None:
+        self._signals.changed_all()
+        self.scheduler.poke_all()
+        self.scheduler.wake()
+        self._takeover.set()
+
+    async def _look_after_replicas(self) -> None:
+        """Every third of a lease (or when a replica hands its runs over):
+        takes over the runs of replicas that are gone, and times out the runs
+        that waited past their deadline (whichever replica queued them)."""
+        period = self.scheduler.lease_seconds / 3
+        while True:
+            self._takeover.clear()
+            try:
+                for ticket, valid_until in await self._take_over(reclaim_own=False):
+                    self.scheduler.resume(ticket, valid_until)
+                for run_id in await self._store.overdue_queued(TAKEOVER_BATCH):
+                    await self._expire_queued(run_id)
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("could not look for runs to take over", extra={"error": str(exc)})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):
+                    await self._takeover.wait()
+
+    async def _take_over(self, *, reclaim_own: bool) -> list[tuple[Ticket, float]]:
+        """Claims runs whose lease expired and fails their interrupted attempts;
+        the unfinished ones, each with until when its claim holds."""
+        taken: list[tuple[Ticket, float]] = []
+        error = RunError(
+            "ABORTED", EXECUTOR_RESTARTED, "the executor running the attempt stopped before it finished"
+        )
+        while True:
+            began = self._monotonic()
+            claims = await self._store.claim_expired(
+                exclude=self.scheduler.running(), reclaim_own=reclaim_own, limit=TAKEOVER_BATCH
+            )
+            for claim in claims:
+                if await self._interrupt(claim, error):
+                    taken.append((Ticket.of(claim), began + self.scheduler.lease_seconds))
+            if len(claims) < TAKEOVER_BATCH:
+                break
+        if taken and not reclaim_own:
+            log.warning("took over runs of a replica that is gone", extra={"runs": len(taken)})
+        return taken
+
+    async def _interrupt(self, claim: Claim, error: RunError) -> bool:
+        """Fails the claimed run's attempts in progress; whether it goes on."""
+        run = await self._store.get_run(claim.run_id)
+        if run is None or run.state.terminal:
+            return False
+        with self._in_run_trace("executor.recover", run):
+            now, carrier = self._clock(), current_trace_carrier()
+            try:
+                outcome = await self._journal.apply(
+                    run.run_id,
+                    functools.partial(interrupt_run, error=error, now=now, carrier=carrier),
+                    claim.fence,
+                )
+            except LeaseLost:
+                return False  # another replica claimed it in between
+        return outcome is not None and not outcome[0].state.terminal
 
     # -- internals -------------------------------------------------------------
 
@@ -392,7 +478,7 @@ class RunService:
             self._queue_deadlines[run.run_id] = asyncio.get_running_loop().call_later(
                 delay, lambda: self._spawn(self._expire_queued(run.run_id), f"expire-{run.run_id}")
             )
-        self.scheduler.submit(_ticket(run))
+        self.scheduler.wake()
 
     def _disarm(self, run_id: str) -> None:
         timer = self._queue_deadlines.pop(run_id, None)
@@ -411,12 +497,12 @@ class RunService:
                 run_id,
                 lambda r: (
                     end_run(r, RunState.TIMED_OUT, error, now, carrier)
-                    if r.state is RunState.QUEUED
+                    if r.state is RunState.QUEUED and not r.owner
                     else None
                 ),
             )
-        # Only a run that was still waiting: one that started meanwhile is
-        # held to its deadline by the runner.
+        # Only a run that was still waiting: one that was admitted meanwhile
+        # is held to its deadline by the runner.
         if outcome is not None and outcome[1]:
             self.scheduler.cancel(run_id)
 
@@ -432,6 +518,7 @@ class RunService:
         failure = RunError("INTERNAL", EXECUTOR_ERROR, "the executor failed while running the run")
         with self._in_run_trace("executor.crash", run):
             now, carrier = self._clock(), current_trace_carrier()
-            await self._journal.apply(
-                ticket.run_id, lambda r: end_run(r, RunState.FAILED, failure, now, carrier)
-            )
+            with contextlib.suppress(LeaseLost):  # another replica holds it now: its call
+                await self._journal.apply(
+                    ticket.run_id, lambda r: end_run(r, RunState.FAILED, failure, now, carrier), ticket.fence
+                )

@@ -1,23 +1,43 @@
-"""Runs, steps and the event outbox in SQL (SQLite or PostgreSQL).
+"""Runs, steps, the event outbox, and the admission state every replica
+shares, in SQL (SQLite or PostgreSQL).
 
 A run's state change and the events that describe it are written in one
 transaction (`update_run`), with the run row locked so that its event seqs
-stay gapless and its transitions serial. SQLite has one writer at a time
-anyway; writes there are also serialised in-process, so a read-then-write
-transaction can never lose its snapshot to another connection of this process.
+stay gapless and its transitions serial; a write that carries a fence is
+refused (LeaseLost) unless the run still has it. SQLite has one writer at a
+time anyway; writes there are also serialised in-process, so a
+read-then-write transaction can never lose its snapshot to another connection
+of this process. That is also why replicas need PostgreSQL: on SQLite one
+executor process owns the database.
+
+Replicas (see `admission`): the admission lock row serializes admission
+rounds; leases are timed by the database's clock (PostgreSQL's `now()`), so
+replicas on different hosts need no synchronised clocks; on PostgreSQL every
+change of a run is announced with NOTIFY, so that WaitRun, CancelRun and
+admission answer at once across replicas.
+
+The outbox: each replica relays the rows it wrote (so its own writes go out
+the moment they commit), each together with its run's unpublished rows before
+it (so a run's seqs never have a gap, whoever wrote the earlier ones), and
+rows older than a lease whoever wrote them (so a dead replica's rows still go
+out). Two relays may send one row; the events service stores it once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+import logging
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
+from psycopg import sql
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     ForeignKey,
     Index,
@@ -29,21 +49,36 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     delete,
+    exists,
+    false,
     func,
     insert,
     or_,
     select,
+    tuple_,
+    union,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.common import db
+from services.common.convert import utcnow
 from services.common.db import UtcDateTime
+from services.executor.admission import (
+    AdmissionOutcome,
+    AdmissionPlanner,
+    AdmissionSnapshot,
+    Claim,
+    Renewal,
+    ReplicaNotices,
+    SlotRequest,
+)
 from services.executor.domain import (
     Decide,
     EventDraft,
     EventType,
+    LeaseLost,
     OutboxEvent,
     PageKey,
     RunChange,
@@ -57,6 +92,9 @@ from services.executor.domain import (
     events_with_seq,
     freeze_carrier,
 )
+from services.executor.fair_queue import ActiveCounts, QueuedRun
+
+log = logging.getLogger("switchboard.executor.storage")
 
 # Integer on SQLite so the column is its rowid (autoincrement).
 OutboxId = BigInteger().with_variant(Integer, "sqlite")
@@ -89,6 +127,11 @@ runs = Table(
     Column("ending", String(16), nullable=True),
     # The fair queue's admission tick; 0 while queued.
     Column("admission", BigInteger, nullable=False, server_default="0"),
+    # The replica holding the run (NULL while it waits to be admitted), until
+    # when unless renewed, and the fencing token of its claim (see admission).
+    Column("owner", String(64), nullable=True),
+    Column("fence", BigInteger, nullable=False, server_default="0"),
+    Column("lease_expires_at", UtcDateTime, nullable=True),
     UniqueConstraint("user_id", "request_id", name="uq_runs_user_request"),
     Index("ix_runs_user_created", "user_id", "create_time", "run_id"),
     Index("ix_runs_state_created", "state", "create_time"),
@@ -131,9 +174,80 @@ outbox = Table(
     Column("trace_carrier", JSON, nullable=False),
     # NULL until the events service has stored the event.
     Column("published_time", UtcDateTime, nullable=True),
+    # The replica that wrote the row (its relay sends it).
+    Column("writer", String(64), nullable=False, server_default=""),
     UniqueConstraint("run_id", "seq", name="uq_outbox_run_seq"),
     Index("ix_outbox_published_id", "published_time", "id"),
 )
+
+
+# A workflow step's (or compensation's) hold on one slot of its agent, or its
+# wait for one (granted false). It counts only while its run is active under
+# the same fence.
+agent_slots = Table(
+    "agent_slots",
+    metadata,
+    Column("id", OutboxId, primary_key=True, autoincrement=True),
+    Column("slot_id", String(36), nullable=False, unique=True),
+    Column("run_id", String(36), nullable=False),
+    Column("fence", BigInteger, nullable=False),
+    Column("step_id", String(64), nullable=False),
+    Column("agent", String(64), nullable=False),
+    Column("owner", String(64), nullable=False),
+    Column("granted", Boolean, nullable=False, server_default=false()),
+    Column("create_time", UtcDateTime, nullable=False),
+    Index("ix_agent_slots_run", "run_id"),
+)
+
+# One row (id 1): locked by every admission round, so that rounds of all
+# replicas are serial; holds the newest round-robin tick handed out.
+admission_lock = Table(
+    "admission_lock",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("tick", BigInteger, nullable=False),
+)
+
+ADMISSION_LOCK_ID = 1
+# NOTIFY channel of run changes and admission news between replicas; one per
+# schema, so that executors of other schemas in the database are not heard.
+NOTICE_CHANNEL = "switchboard_executor"
+# An admission round looks at most this many of each user's oldest waiting
+# runs (the fair queue passes over the ones whose agent is full).
+QUEUE_LOOKAHEAD = 200
+# IN lists are sent in chunks of this many values.
+CHUNK = 500
+# The listener reconnects after this long when PostgreSQL went away.
+LISTEN_RETRY_SECONDS = 1.0
+
+_ACTIVE_STATES = (RunState.QUEUED.value, RunState.RUNNING.value)
+# A run waiting to be admitted; an active one (admitted, possibly by a replica
+# that is gone, or left RUNNING by an executor from before replicas).
+_WAITING = and_(runs.c.state == RunState.QUEUED.value, runs.c.owner.is_(None))
+_ACTIVE = or_(
+    runs.c.state == RunState.RUNNING.value,
+    and_(runs.c.state == RunState.QUEUED.value, runs.c.owner.is_not(None)),
+)
+_LIVE_SLOT = (
+    exists()
+    .where(
+        runs.c.run_id == agent_slots.c.run_id,
+        runs.c.fence == agent_slots.c.fence,
+        runs.c.state.in_(_ACTIVE_STATES),
+    )
+    .correlate(agent_slots)
+)
+
+
+def notice_channel(schema: str | None) -> str:
+    # PostgreSQL names are at most 63 bytes.
+    return f"{NOTICE_CHANNEL}:{schema or ''}".encode()[:63].decode(errors="ignore")
+
+
+def _chunks(values: Collection[Any]) -> Iterator[list[Any]]:
+    items = list(values)
+    for start in range(0, len(items), CHUNK):
+        yield items[start : start + CHUNK]
 
 
 def _error_columns(error: RunError | None) -> dict[str, Any]:
@@ -230,11 +344,14 @@ def _run_of(row: Any, run_steps: Sequence[StepRecord]) -> RunRecord:
         last_seq=row.last_seq,
         ending=None if row.ending is None else RunState(row.ending),
         admission=row.admission or 0,
+        owner=row.owner or "",
+        fence=row.fence or 0,
     )
 
 
-def _outbox_columns(event: OutboxEvent) -> dict[str, Any]:
+def _outbox_columns(event: OutboxEvent, writer: str) -> dict[str, Any]:
     return {
+        "writer": writer,
         "event_id": event.event_id,
         "run_id": event.run_id,
         "user_id": event.user_id,
@@ -265,13 +382,27 @@ def _outbox_event_of(row: Any) -> OutboxEvent:
 
 
 class SqlRunStore:
-    """The executor's `RunStore` and `OutboxStore`."""
+    """The executor's `RunStore`, `OutboxStore` and `AdmissionStore`, as seen
+    by one replica (`replica_id`; claims it makes last `lease_seconds`)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        replica_id: str = "",
+        lease_seconds: float = 10.0,
+        write_lock: asyncio.Lock | None = None,
+    ) -> None:
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
         self.engine = engine
+        self.replica_id = replica_id
+        self.lease = timedelta(seconds=lease_seconds)
         self._sessions = db.sessionmaker(engine)
         self._sqlite = engine.dialect.name == "sqlite"
-        self._write_lock = asyncio.Lock()
+        # Stores of one SQLite database in one process (tests) share one lock.
+        self._write_lock = write_lock or asyncio.Lock()
+        self._channel: str | None = None
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncSession]:
@@ -281,6 +412,25 @@ class SqlRunStore:
             session = await stack.enter_async_context(self._sessions())
             await stack.enter_async_context(session.begin())
             yield session
+
+    async def _now(self, session: AsyncSession) -> datetime:
+        """The time leases are measured by: the database's on PostgreSQL (its
+        transaction's start, shared by every replica), this host's on SQLite."""
+        if self._sqlite:
+            return utcnow()
+        now: datetime = (await session.execute(select(func.now()))).scalar_one()
+        return now
+
+    async def _notify(self, session: AsyncSession, kind: str, subject: str = "") -> None:
+        """Tells the other replicas, when the transaction commits (PostgreSQL only)."""
+        if self._sqlite:
+            return
+        if self._channel is None:
+            self._channel = notice_channel(
+                (await session.execute(select(func.current_schema()))).scalar_one()
+            )
+        payload = f"{self.replica_id}\t{kind}\t{subject}"
+        await session.execute(select(func.pg_notify(self._channel, payload)))
 
     async def _steps_of(self, session: AsyncSession, run_ids: Sequence[str]) -> dict[str, list[StepRecord]]:
         found: dict[str, list[StepRecord]] = {run_id: [] for run_id in run_ids}
@@ -319,7 +469,9 @@ class SqlRunStore:
                     insert(steps), [_step_columns(run.run_id, i, s) for i, s in enumerate(stored.steps)]
                 )
                 if numbered:
-                    await session.execute(insert(outbox), [_outbox_columns(e) for e in numbered])
+                    await session.execute(
+                        insert(outbox), [_outbox_columns(e, self.replica_id) for e in numbered]
+                    )
         except IntegrityError:
             existing = await self.find_run_by_request(run.user_id, run.request_id)
             if existing is None:
@@ -365,11 +517,15 @@ class SqlRunStore:
             rows = (await session.execute(query)).all()
             return await self._runs_of(session, rows)
 
-    async def update_run(self, run_id: str, decide: Decide) -> tuple[RunRecord, bool] | None:
+    async def update_run(
+        self, run_id: str, decide: Decide, fence: int | None = None
+    ) -> tuple[RunRecord, bool] | None:
         async with self._writing() as session:
             run = await self._load(session, run_id, lock=True)
             if run is None:
                 return None
+            if fence is not None and run.fence != fence:
+                raise LeaseLost(run_id, fence, run.fence)
             change = decide(run)
             if change is None:
                 return run, False
@@ -389,7 +545,10 @@ class SqlRunStore:
                         .values(**columns)
                     )
             if numbered:
-                await session.execute(insert(outbox), [_outbox_columns(e) for e in numbered])
+                await session.execute(insert(outbox), [_outbox_columns(e, self.replica_id) for e in numbered])
+            await self._notify(session, "run", run_id)
+            if changed.state.terminal and not run.state.terminal:
+                await self._notify(session, "admission")
             return changed, True
 
     async def runs_in_state(self, state: RunState) -> list[RunRecord]:
@@ -398,26 +557,303 @@ class SqlRunStore:
             rows = (await session.execute(query)).all()
             return await self._runs_of(session, rows)
 
-    async def admission_ticks(self) -> tuple[int, dict[str, int]]:
-        waiting = select(runs.c.user_id).where(runs.c.state == RunState.QUEUED.value).distinct()
-        per_user = (
-            select(runs.c.user_id, func.max(runs.c.admission))
-            .where(runs.c.user_id.in_(waiting), runs.c.admission > 0)
-            .group_by(runs.c.user_id)
-        )
+    async def queued_count(self, user_id: str | None = None) -> int:
+        query = select(func.count()).select_from(runs).where(_WAITING)
+        if user_id is not None:
+            query = query.where(runs.c.user_id == user_id)
         async with self._sessions() as session:
-            newest = (await session.execute(select(func.max(runs.c.admission)))).scalar()
-            ticks = {row[0]: int(row[1]) for row in (await session.execute(per_user)).all()}
-        return int(newest or 0), ticks
+            return int((await session.execute(query)).scalar_one())
+
+    async def overdue_queued(self, limit: int) -> list[str]:
+        async with self._sessions() as session:
+            now = await self._now(session)
+            query = (
+                select(runs.c.run_id)
+                .where(_WAITING, runs.c.deadline <= now)
+                .order_by(runs.c.deadline, runs.c.run_id)
+                .limit(limit)
+            )
+            return list((await session.execute(query)).scalars())
+
+    # -- AdmissionStore ----------------------------------------------------------
+
+    async def admission_agents(self) -> set[str]:
+        queued = select(runs.c.agent).where(_WAITING, runs.c.agent != "").distinct()
+        waiting = select(agent_slots.c.agent).where(agent_slots.c.granted.is_(False)).distinct()
+        async with self._sessions() as session:
+            return set((await session.execute(union(queued, waiting))).scalars())
+
+    async def admission_round(self, plan: AdmissionPlanner, mine: Collection[str] = ()) -> AdmissionOutcome:
+        async with self._writing() as session:
+            # First: every other round waits here until this one commits.
+            tick = (
+                await session.execute(
+                    select(admission_lock.c.tick)
+                    .where(admission_lock.c.id == ADMISSION_LOCK_ID)
+                    .with_for_update()
+                )
+            ).scalar_one()
+            now = await self._now(session)
+            # Slots whose run ended or changed hands hold nothing any more.
+            await session.execute(delete(agent_slots).where(~_LIVE_SLOT))
+            snapshot, candidates = await self._admission_snapshot(session, int(tick))
+            decision = plan(snapshot)
+            claims: list[Claim] = []
+            for run_id, run_tick in decision.admit:
+                row = candidates[run_id]
+                claimed = await session.execute(
+                    update(runs)
+                    .where(runs.c.run_id == run_id, _WAITING)
+                    .values(
+                        owner=self.replica_id,
+                        fence=runs.c.fence + 1,
+                        lease_expires_at=now + self.lease,
+                        admission=run_tick,
+                    )
+                )
+                # A run cancelled since the snapshot was read stays as it is.
+                if getattr(claimed, "rowcount", 0) == 1:
+                    claims.append(
+                        Claim(row.run_id, row.user_id, row.agent, row.create_time, row.fence + 1, run_tick)
+                    )
+            if decision.grant:
+                await session.execute(
+                    update(agent_slots)
+                    .where(agent_slots.c.slot_id.in_(list(decision.grant)))
+                    .values(granted=True)
+                )
+                await self._notify(session, "admission")
+            if decision.tick != tick:
+                await session.execute(
+                    update(admission_lock)
+                    .where(admission_lock.c.id == ADMISSION_LOCK_ID)
+                    .values(tick=decision.tick)
+                )
+            granted: set[str] = set()
+            for chunk in _chunks(mine):
+                query = select(agent_slots.c.slot_id).where(
+                    agent_slots.c.slot_id.in_(chunk), agent_slots.c.granted.is_(True)
+                )
+                granted.update((await session.execute(query)).scalars())
+        return AdmissionOutcome(tuple(claims), frozenset(granted), snapshot)
+
+    async def _admission_snapshot(
+        self, session: AsyncSession, tick: int
+    ) -> tuple[AdmissionSnapshot, dict[str, Any]]:
+        place = (
+            func.row_number()
+            .over(partition_by=runs.c.user_id, order_by=(runs.c.create_time, runs.c.run_id))
+            .label("place")
+        )
+        ranked = (
+            select(runs.c.run_id, runs.c.user_id, runs.c.agent, runs.c.create_time, runs.c.fence, place)
+            .where(_WAITING)
+            .subquery()
+        )
+        rows = (await session.execute(select(ranked).where(ranked.c.place <= QUEUE_LOOKAHEAD))).all()
+        candidates = {row.run_id: row for row in rows}
+        queued = tuple(
+            QueuedRun(
+                run_id=row.run_id,
+                user_id=row.user_id,
+                agent=row.agent,
+                sequence=int(row.create_time.timestamp() * 1_000_000),
+            )
+            for row in rows
+        )
+        per_user: dict[str, int] = {}
+        per_agent: dict[str, int] = {}
+        total = 0
+        active = select(runs.c.user_id, runs.c.agent, func.count()).where(_ACTIVE)
+        for user_id, agent, count in await session.execute(active.group_by(runs.c.user_id, runs.c.agent)):
+            per_user[user_id] = per_user.get(user_id, 0) + count
+            if agent:
+                per_agent[agent] = per_agent.get(agent, 0) + count
+            total += count
+        held = (
+            select(agent_slots.c.agent, func.count())
+            .where(agent_slots.c.granted.is_(True), _LIVE_SLOT)
+            .group_by(agent_slots.c.agent)
+        )
+        for agent, count in await session.execute(held):
+            per_agent[agent] = per_agent.get(agent, 0) + count
+        waiting = (
+            await session.execute(
+                select(agent_slots.c.slot_id, agent_slots.c.agent, agent_slots.c.id)
+                .where(agent_slots.c.granted.is_(False), _LIVE_SLOT)
+                .order_by(agent_slots.c.id)
+            )
+        ).all()
+        last_served: dict[str, int] = {}
+        for chunk in _chunks({row.user_id for row in rows}):
+            served = (
+                select(runs.c.user_id, func.max(runs.c.admission))
+                .where(runs.c.user_id.in_(chunk), runs.c.admission > 0)
+                .group_by(runs.c.user_id)
+            )
+            last_served.update((user_id, int(newest)) for user_id, newest in await session.execute(served))
+        snapshot = AdmissionSnapshot(
+            queued=queued,
+            active=ActiveCounts(per_user=per_user, per_agent=per_agent, total=total),
+            waiting_slots=tuple(SlotRequest(row.slot_id, row.agent, row.id) for row in waiting),
+            last_served=last_served,
+            tick=tick,
+        )
+        return snapshot, candidates
+
+    async def active_counts(self) -> ActiveCounts:
+        """What is active now: runs per user and in all, slots per agent."""
+        async with self._sessions() as session:
+            snapshot, _ = await self._admission_snapshot(session, 0)
+        return snapshot.active
+
+    async def request_slot(self, slot_id: str, *, run_id: str, fence: int, step_id: str, agent: str) -> None:
+        async with self._writing() as session:
+            await session.execute(
+                insert(agent_slots).values(
+                    slot_id=slot_id,
+                    run_id=run_id,
+                    fence=fence,
+                    step_id=step_id,
+                    agent=agent,
+                    owner=self.replica_id,
+                    granted=False,
+                    create_time=utcnow(),
+                )
+            )
+
+    async def release_slot(self, slot_id: str) -> None:
+        async with self._writing() as session:
+            freed = await session.execute(
+                delete(agent_slots).where(agent_slots.c.slot_id == slot_id).returning(agent_slots.c.granted)
+            )
+            if any(freed.scalars()):
+                await self._notify(session, "admission")
+
+    async def renew_leases(self, fences: Mapping[str, int]) -> Renewal:
+        if not fences:
+            return Renewal(frozenset(), frozenset())
+        kept: set[str] = set()
+        ended: set[str] = set()
+        async with self._writing() as session:
+            now = await self._now(session)
+            for chunk in _chunks(fences.items()):
+                renewed = await session.execute(
+                    update(runs)
+                    .where(
+                        tuple_(runs.c.run_id, runs.c.fence).in_(chunk),
+                        runs.c.owner == self.replica_id,
+                        runs.c.state.in_(_ACTIVE_STATES),
+                    )
+                    .values(lease_expires_at=now + self.lease)
+                    .returning(runs.c.run_id)
+                )
+                kept.update(renewed.scalars())
+            # Usually none: runs that ended since the last renewal, or were lost.
+            for chunk in _chunks(fences.keys() - kept):
+                query = select(runs.c.run_id).where(
+                    runs.c.run_id.in_(chunk), runs.c.state.not_in(_ACTIVE_STATES)
+                )
+                ended.update((await session.execute(query)).scalars())
+        return Renewal(frozenset(kept), frozenset(ended))
+
+    async def release_leases(self, run_ids: Collection[str]) -> None:
+        if not run_ids:
+            return
+        async with self._writing() as session:
+            now = await self._now(session)
+            for chunk in _chunks(run_ids):
+                await session.execute(
+                    update(runs)
+                    .where(
+                        runs.c.run_id.in_(chunk),
+                        runs.c.owner == self.replica_id,
+                        runs.c.state.in_(_ACTIVE_STATES),
+                    )
+                    .values(lease_expires_at=now)
+                )
+            await self._notify(session, "takeover")
+
+    async def claim_expired(
+        self, *, exclude: Collection[str] = (), reclaim_own: bool = False, limit: int = 100
+    ) -> list[Claim]:
+        async with self._writing() as session:
+            now = await self._now(session)
+            expired = or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at <= now)
+            if reclaim_own:
+                expired = or_(expired, runs.c.owner == self.replica_id)
+            query = select(
+                runs.c.run_id,
+                runs.c.user_id,
+                runs.c.agent,
+                runs.c.create_time,
+                runs.c.fence,
+                runs.c.admission,
+            ).where(_ACTIVE, expired)
+            if exclude:
+                query = query.where(runs.c.run_id.not_in(list(exclude)))
+            # Rows another transaction is writing are left for the next pass.
+            query = (
+                query.order_by(runs.c.create_time, runs.c.run_id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            claims: list[Claim] = []
+            for row in (await session.execute(query)).all():
+                await session.execute(
+                    update(runs)
+                    .where(runs.c.run_id == row.run_id)
+                    .values(owner=self.replica_id, fence=row.fence + 1, lease_expires_at=now + self.lease)
+                )
+                claims.append(
+                    Claim(row.run_id, row.user_id, row.agent, row.create_time, row.fence + 1, row.admission)
+                )
+            return claims
+
+    async def listen(self, notices: ReplicaNotices) -> None:
+        if self._sqlite:
+            return
+        conninfo = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as connection:
+                    row = await (await connection.execute("SELECT current_schema()")).fetchone()
+                    channel = notice_channel(row[0] if row else None)
+                    await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    # Whatever happened while nobody listened: look again.
+                    notices.resync()
+                    async for notice in connection.notifies():
+                        _dispatch(notice.payload, self.replica_id, notices)
+            except (psycopg.Error, OSError) as exc:
+                log.warning(
+                    "lost the notices of other replicas; reconnecting",
+                    extra={"error": str(exc), "retry_in": LISTEN_RETRY_SECONDS},
+                )
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
 
     # -- OutboxStore -----------------------------------------------------------
 
     async def pending_events(self, limit: int) -> list[OutboxEvent]:
         # Oldest first: a run's rows were committed in seq order (its row lock
         # serialises them), so each run's events leave in seq order.
-        query = select(outbox).where(outbox.c.published_time.is_(None)).order_by(outbox.c.id).limit(limit)
+        pending = outbox.c.published_time.is_(None)
         async with self._sessions() as session:
-            return [_outbox_event_of(row) for row in (await session.execute(query)).all()]
+            adopt_before = await self._now(session) - self.lease
+            ours = (
+                select(outbox)
+                .where(pending, or_(outbox.c.writer == self.replica_id, outbox.c.create_time < adopt_before))
+                .order_by(outbox.c.id)
+                .limit(limit)
+            )
+            rows = {row.id: row for row in (await session.execute(ours)).all()}
+            if rows:
+                # Each of these runs' unpublished rows up to the newest taken,
+                # whoever wrote them: no run's batch starts past a gap.
+                newest = max(rows)
+                for chunk in _chunks({row.run_id for row in rows.values()}):
+                    before = select(outbox).where(pending, outbox.c.run_id.in_(chunk), outbox.c.id < newest)
+                    rows.update((row.id, row) for row in (await session.execute(before)).all())
+            return [_outbox_event_of(rows[key]) for key in sorted(rows)]
 
     async def mark_published(self, event_ids: Sequence[str], when: datetime) -> None:
         if not event_ids:
@@ -445,3 +881,16 @@ class SqlRunStore:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _dispatch(payload: str, replica_id: str, notices: ReplicaNotices) -> None:
+    sender, _, rest = payload.partition("\t")
+    kind, _, subject = rest.partition("\t")
+    if sender == replica_id:
+        return  # this replica's own change: it has acted on it already
+    if kind == "run" and subject:
+        notices.run_changed(subject)
+    elif kind == "admission":
+        notices.admission_changed()
+    elif kind == "takeover":
+        notices.leases_released()

@@ -1,12 +1,14 @@
 """The executor's storage on SQLite and PostgreSQL (migrated by its Alembic
-revisions): runs, steps and the outbox, one transaction per change."""
+revisions): runs, steps and the outbox, one transaction per change; and what
+replicas share: admission rounds, leases, fencing, agent slots, and which
+replica relays which outbox rows."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,13 +16,16 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from services.common.auth import Principal, Role
+from services.common.convert import utcnow
 from services.common.db import create_engine, migrate
+from services.executor.admission import AdmissionLimits, AdmissionPlan, AdmissionPlanner, plan_admission
 from services.executor.domain import (
     MAIN_STEP,
     EventDraft,
     EventType,
     ExecutionContext,
     InvalidTransition,
+    LeaseLost,
     RunChange,
     RunError,
     RunFilter,
@@ -316,22 +321,309 @@ async def test_a_workflow_round_trips_with_step_inputs_completion_and_winding_do
     assert second.completion == 0
 
 
-async def test_admission_ticks_come_back_for_the_users_still_waiting(store: SqlRunStore) -> None:
-    assert await store.admission_ticks() == (0, {})
+async def test_an_admission_round_sees_each_waiting_users_last_turn(store: SqlRunStore) -> None:
     carol = owner("carol")
-    alices_old, events = make_run(ALICE)
-    await store.create_run(alices_old, events)
-    await store.update_run(alices_old.run_id, lambda r: admit_run(r, 5))
-    alices_waiting, events = make_run(ALICE, offset=1)
-    await store.create_run(alices_waiting, events)
-    bobs, events = make_run(BOB, offset=2)
-    await store.create_run(bobs, events)
-    await store.update_run(bobs.run_id, lambda r: admit_run(r, 9))
-    await store.update_run(bobs.run_id, lambda r: begin_attempt(r, MAIN_STEP, 1, T0, {}))
-    carols, events = make_run(carol, offset=3)
-    await store.create_run(carols, events)
+    alices_first = await queue(store, ALICE)
+    bobs = await queue(store, BOB, offset=1)
+    first = await store.admission_round(admit_all())
+    assert [(c.run_id, c.tick) for c in first.claims] == [(alices_first.run_id, 1), (bobs.run_id, 2)]
+    alices_next = await queue(store, ALICE, offset=2)
+    carols = await queue(store, carol, offset=3)
 
-    newest, waiting = await store.admission_ticks()
+    idle = await store.admission_round(lambda snapshot: AdmissionPlan((), (), snapshot.tick))
 
     # Bob has nothing waiting; Carol was never admitted.
-    assert (newest, waiting) == (9, {ALICE.user_id: 5})
+    assert idle.snapshot.last_served == {ALICE.user_id: 1}
+    assert idle.snapshot.tick == 2
+    assert [run.run_id for run in idle.snapshot.queued] == [alices_next.run_id, carols.run_id]
+    assert idle.snapshot.active.per_user == {ALICE.user_id: 1, BOB.user_id: 1}
+
+
+# -- replicas: claims, leases, fencing, slots, the outbox of each replica ------------
+
+
+@pytest.fixture
+async def replicas(database_url: str) -> AsyncIterator[Callable[..., SqlRunStore]]:
+    """Stores of one database, each as the replica it is named after."""
+    await asyncio.to_thread(migrate, database_url, MIGRATIONS)
+    lock = asyncio.Lock()  # one SQLite writer at a time in this process
+    made: list[SqlRunStore] = []
+
+    def replica(replica_id: str, lease_seconds: float = 3600.0) -> SqlRunStore:
+        store = SqlRunStore(
+            create_engine(database_url), replica_id=replica_id, lease_seconds=lease_seconds, write_lock=lock
+        )
+        made.append(store)
+        return store
+
+    yield replica
+    for store in made:
+        await store.close()
+
+
+def admit_all(per_user: int = 10, total: int = 100, **agents: int) -> AdmissionPlanner:
+    return functools.partial(
+        plan_admission, limits=AdmissionLimits(total, per_user), agent_limits={"echo": 100, **agents}
+    )
+
+
+async def queue(
+    store: SqlRunStore, who: Principal = ALICE, *, offset: float = 0, agent: str = "echo"
+) -> RunRecord:
+    run, events = make_run(who, offset=offset, agent=agent)
+    stored, _ = await store.create_run(run, events)
+    return stored
+
+
+async def test_a_write_with_a_superseded_fence_is_refused_and_changes_nothing(
+    replicas: Callable[..., SqlRunStore],
+) -> None:
+    a, b = replicas("a"), replicas("b")
+    run = await queue(a)
+    (claim,) = (await a.admission_round(admit_all())).claims
+    assert (claim.run_id, claim.fence) == (run.run_id, 1)
+    started = await a.update_run(run.run_id, lambda r: begin_attempt(r, MAIN_STEP, 1, T0, {}), claim.fence)
+    assert started is not None and started[1]
+
+    # a's lease runs out; b takes the run over.
+    await a.release_leases([run.run_id])
+    (taken,) = await b.claim_expired()
+    assert (taken.run_id, taken.fence) == (run.run_id, 2)
+
+    with pytest.raises(LeaseLost) as refused:
+        await a.update_run(
+            run.run_id, lambda r: complete_step(r, MAIN_STEP, 1, {"late": True}, T0, {}), claim.fence
+        )
+    assert (refused.value.fence, refused.value.current) == (1, 2)
+    current = await b.get_run(run.run_id)
+    assert current is not None
+    assert (current.state, current.output, current.last_seq) == (RunState.RUNNING, None, 2)
+    assert (current.owner, current.fence) == ("b", 2)
+    assert [e.type for e, _ in await b.run_events(run.run_id)] == [
+        EventType.RUN_QUEUED,
+        EventType.AGENT_STARTED,
+    ]
+    # The new holder writes; so does a user's cancel, which carries no fence.
+    progress = await b.update_run(
+        run.run_id, lambda r: record_progress(r, MAIN_STEP, 1, Thinking("mine"), T0, {}), taken.fence
+    )
+    assert progress is not None and progress[1]
+    error = RunError("CANCELLED", "RUN_CANCELLED", "enough")
+    cancelled = await a.update_run(run.run_id, lambda r: end_run(r, RunState.CANCELLED, error, T0, {}))
+    assert cancelled is not None and cancelled[0].state is RunState.CANCELLED
+
+
+async def test_admission_rounds_of_two_replicas_share_the_limits_and_the_round_robin_clock(
+    replicas: Callable[..., SqlRunStore],
+) -> None:
+    a, b = replicas("a"), replicas("b")
+    carol = owner("carol")
+    for n, who in enumerate([ALICE, ALICE, BOB, BOB, carol]):
+        await queue(a, who, offset=n, agent="slow" if who is carol else "echo")
+
+    first = await a.admission_round(admit_all(per_user=1, total=3, slow=1))
+    second = await b.admission_round(admit_all(per_user=1, total=3, slow=1))
+
+    assert sorted(c.user_id for c in first.claims) == sorted([ALICE.user_id, BOB.user_id, carol.user_id])
+    assert [c.tick for c in first.claims] == [1, 2, 3]
+    # b sees a's runs as active: nothing more fits.
+    assert second.claims == ()
+    assert second.snapshot.active.total == 3
+    assert second.snapshot.active.per_agent == {"echo": 2, "slow": 1}
+    assert await a.queued_count() == 2 and await a.queued_count(ALICE.user_id) == 1
+
+    # One of a's runs ends: b admits the next, with the next tick of the shared clock.
+    ended = next(c for c in first.claims if c.user_id == ALICE.user_id)
+    error = RunError("CANCELLED", "RUN_CANCELLED", "done")
+    await a.update_run(ended.run_id, lambda r: end_run(r, RunState.CANCELLED, error, T0, {}), ended.fence)
+    (next_claim,) = (await b.admission_round(admit_all(per_user=1, total=3, slow=1))).claims
+    assert (next_claim.user_id, next_claim.tick) == (ALICE.user_id, 4)
+    loaded = await b.get_run(next_claim.run_id)
+    assert loaded is not None and (loaded.owner, loaded.fence, loaded.admission) == ("b", 1, 4)
+
+
+async def test_only_expired_leases_are_taken_over(replicas: Callable[..., SqlRunStore]) -> None:
+    a, b = replicas("a"), replicas("b")
+    live = await queue(a, offset=0)
+    handed_over = await queue(a, offset=1)
+    ended = await queue(a, offset=2)
+    claims = {c.run_id: c for c in (await a.admission_round(admit_all())).claims}
+    error = RunError("CANCELLED", "RUN_CANCELLED", "done")
+    await a.update_run(ended.run_id, lambda r: end_run(r, RunState.CANCELLED, error, T0, {}))
+    # An executor from before replicas left this one RUNNING with no owner.
+    legacy = await queue(a, BOB, offset=3)
+    await a.update_run(legacy.run_id, lambda r: begin_attempt(r, MAIN_STEP, 1, T0, {}))
+    waiting = await queue(a, BOB, offset=4)
+
+    await a.release_leases([handed_over.run_id])
+    taken = await b.claim_expired()
+
+    assert [(c.run_id, c.fence) for c in taken] == [(handed_over.run_id, 2), (legacy.run_id, 1)]
+    assert await b.claim_expired() == []  # now b's, and live
+    # a restarted under its own name takes back what it held, never b's.
+    restarted = replicas("a")
+    assert [(c.run_id, c.fence) for c in await restarted.claim_expired(reclaim_own=True)] == [
+        (live.run_id, claims[live.run_id].fence + 1)
+    ]
+    assert (await a.get_run(waiting.run_id)).owner == ""  # type: ignore[union-attr]
+
+
+async def test_a_renewal_keeps_only_the_runs_the_replica_still_holds(
+    replicas: Callable[..., SqlRunStore],
+) -> None:
+    a, b = replicas("a"), replicas("b")
+    for n in range(3):
+        await queue(a, offset=n)
+    kept, ended, lost = (await a.admission_round(admit_all())).claims
+    error = RunError("CANCELLED", "RUN_CANCELLED", "done")
+    await a.update_run(ended.run_id, lambda r: end_run(r, RunState.CANCELLED, error, T0, {}))
+    await a.release_leases([lost.run_id])
+    await b.claim_expired()
+
+    fences = {claim.run_id: claim.fence for claim in (kept, ended, lost)}
+    renewal = await a.renew_leases(fences)
+    assert (renewal.kept, renewal.ended) == ({kept.run_id}, {ended.run_id})
+    # A renewed lease is live again: nobody takes it.
+    assert await b.claim_expired() == []
+    # b holds `lost` under fence 2, not 1.
+    assert (await b.renew_leases(fences)).kept == set()
+
+
+async def test_slots_are_granted_in_order_and_count_only_under_their_runs_fence(
+    replicas: Callable[..., SqlRunStore],
+) -> None:
+    a, b = replicas("a"), replicas("b")
+    workflow = await queue(a, agent="")
+    (claim,) = (await a.admission_round(admit_all())).claims
+    for name in ("s1", "s2", "s3"):
+        await a.request_slot(
+            name + "-slot", run_id=workflow.run_id, fence=claim.fence, step_id=name, agent="x"
+        )
+    assert await a.admission_agents() == {"x"}
+
+    first = await a.admission_round(admit_all(x=2), mine=["s1-slot", "s2-slot", "s3-slot"])
+    assert first.granted == {"s1-slot", "s2-slot"}
+    assert (await a.active_counts()).per_agent == {"x": 2}
+    # A single-agent run of x waits behind the step.
+    single = await queue(a, BOB, offset=1, agent="x")
+    await a.release_slot("s1-slot")
+    second = await b.admission_round(admit_all(x=2), mine=["s3-slot"])
+    assert second.claims == () and second.granted == {"s3-slot"}
+
+    # b takes the workflow over: a's slots, under fence 1, hold nothing now.
+    await a.release_leases([workflow.run_id])
+    await b.claim_expired()
+    assert (await b.active_counts()).per_agent == {}
+    (admitted,) = (await b.admission_round(admit_all(x=2))).claims
+    assert admitted.run_id == single.run_id
+
+
+async def test_each_replica_relays_its_own_rows_with_the_earlier_rows_of_their_runs(
+    replicas: Callable[..., SqlRunStore],
+) -> None:
+    a, b = replicas("a"), replicas("b")
+    shared = await queue(a)  # seq 1 written by a
+    (claim,) = (await b.admission_round(admit_all())).claims
+    await b.update_run(shared.run_id, lambda r: begin_attempt(r, MAIN_STEP, 1, T0, {}), claim.fence)
+    own = await queue(b, BOB, offset=1)
+
+    assert [(e.run_id, e.seq) for e in await a.pending_events(10)] == [(shared.run_id, 1)]
+    # b's batch starts with a's row of the same run: no gap for the events service.
+    assert [(e.run_id, e.seq) for e in await b.pending_events(10)] == [
+        (shared.run_id, 1),
+        (shared.run_id, 2),
+        (own.run_id, 1),
+    ]
+    # Rows a dead replica left behind go out through anyone, once older than a lease.
+    await b.mark_published([e.event_id for e in await b.pending_events(10)], T0)
+    old = utcnow() - timedelta(hours=1)
+    context = ExecutionContext.for_new_run(
+        ALICE, thread_id="", request_id="", deadline=old + timedelta(days=1), trace_carrier={}
+    )
+    orphan, queued_event = new_run(context, agent="echo", input={}, labels={}, now=old, trace_id="")
+    await replicas("dead").create_run(orphan, [queued_event])
+    assert [(e.run_id, e.seq) for e in await b.pending_events(10)] == [(orphan.run_id, 1)]
+
+
+class Notices:
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+        self.admissions = 0
+        self.handovers = 0
+        self.resyncs = 0
+        self.arrived = asyncio.Event()
+
+    def run_changed(self, run_id: str) -> None:
+        self.runs.append(run_id)
+        self.arrived.set()
+
+    def admission_changed(self) -> None:
+        self.admissions += 1
+        self.arrived.set()
+
+    def leases_released(self) -> None:
+        self.handovers += 1
+        self.arrived.set()
+
+    def resync(self) -> None:
+        self.resyncs += 1
+        self.arrived.set()
+
+    async def until(self, what: Callable[[], bool]) -> None:
+        async with asyncio.timeout(30):
+            while not what():
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+async def test_a_replica_hears_of_the_other_replicas_changes(
+    replicas: Callable[..., SqlRunStore], database_url: str
+) -> None:
+    a, b = replicas("a"), replicas("b")
+    heard = Notices()
+    listening = asyncio.create_task(a.listen(heard))
+    try:
+        if database_url.startswith("sqlite"):
+            # One process owns a SQLite database: nobody else to hear from.
+            await asyncio.wait_for(listening, 10)
+            return
+        await heard.until(lambda: heard.resyncs == 1)  # listening now
+        own = await queue(a)
+        await a.update_run(own.run_id, lambda r: begin_attempt(r, MAIN_STEP, 1, T0, {}))
+        run = await queue(b, BOB, offset=1)
+        (claim,) = (await b.admission_round(admit_all())).claims
+        await b.update_run(run.run_id, lambda r: begin_attempt(r, MAIN_STEP, 1, T0, {}), claim.fence)
+        error = RunError("CANCELLED", "RUN_CANCELLED", "enough")
+        await b.update_run(run.run_id, lambda r: end_run(r, RunState.CANCELLED, error, T0, {}))
+        await b.release_leases([run.run_id])
+
+        await heard.until(lambda: heard.handovers == 1)
+        # b's changes only (a acted on its own already), in commit order.
+        assert heard.runs == [run.run_id, run.run_id]
+        assert heard.admissions == 1  # the run ended: a slot is free
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+
+
+async def test_the_migrations_match_the_tables(database_url: str, store: SqlRunStore) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine as create_sync_engine
+    from sqlalchemy.engine import make_url
+
+    from services.executor.storage import metadata
+
+    url = make_url(database_url)
+    if url.get_backend_name() == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+
+    def differences() -> list[object]:
+        engine = create_sync_engine(url)
+        try:
+            with engine.connect() as connection:
+                return list(compare_metadata(MigrationContext.configure(connection), metadata))
+        finally:
+            engine.dispose()
+
+    assert await asyncio.to_thread(differences) == []

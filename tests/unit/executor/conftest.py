@@ -1,13 +1,15 @@
 """An executor assembled in-process: real SQLite storage (migrated), the real
 runner, admission and outbox relay, real gRPC calls to an in-process scripted
 agent worker; a stand-in only for the registry's answers and for the events
-service's Publish (which is not what these tests are about)."""
+service's Publish (which is not what these tests are about). Several rigs of
+one test share the database, each as its own replica."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from services.common.channels import ServiceChannels
 from services.common.db import create_engine, migrate
 from services.common.errors import NotFound
 from services.common.interceptors import AuthenticatedContext
+from services.executor.admission import AdmissionLimits
 from services.executor.breaker import BreakerRegistry, BreakerSettings
 from services.executor.clients import GrpcWorkers
 from services.executor.domain import (
@@ -44,7 +47,6 @@ from services.executor.outbox import OutboxRelay, PublishFailed
 from services.executor.retry import RetrySettings
 from services.executor.runner import Runner
 from services.executor.runs import RunService
-from services.executor.scheduler import Admission
 from services.executor.storage import SqlRunStore
 
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "executor" / "migrations"
@@ -86,19 +88,39 @@ class ScriptedWorker(agent_worker_pb2_grpc.AgentWorkerServicer):
     echo (thinks, calls a tool, returns its input), slow (heartbeats until
     cancelled), silent (says nothing), broken (reports an error), quitter
     (ends without a result), flaky (fails attempts up to input
-    `fail_attempts` with input `reason`, then returns its attempt and input)."""
+    `fail_attempts` with input `reason`, then returns its attempt and input),
+    gated (heartbeats until the test opens its run's gate, then thinks once
+    and returns its attempt), nap and nap-b (sleep input `seconds`, then
+    return). It counts the calls in progress, in all and per
+    agent and user, and keeps the most seen at once. With `first_wave` set,
+    the first naps wait until that many calls are in progress together."""
 
     def __init__(self) -> None:
         self.requests: list[agent_worker_pb2.ExecuteRequest] = []
         self.metadata: list[dict[str, str]] = []
         self.started: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        # (run_id, step_id): the worker has the step's call.
+        self.step_started: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
         self.cancelled: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self.gates: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self.in_progress: Counter[str] = Counter()
+        self.most_at_once: Counter[str] = Counter()
+        self.first_wave = 0
+        self._wave_in = asyncio.Event()
+
+    def _count(self, keys: Sequence[str], delta: int) -> None:
+        for key in keys:
+            self.in_progress[key] += delta
+            self.most_at_once[key] = max(self.most_at_once[key], self.in_progress[key])
 
     async def Execute(self, request: agent_worker_pb2.ExecuteRequest, context: Any) -> Any:
         self.requests.append(request)
         self.metadata.append({k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
         run_id = request.context.run_id
         self.started[run_id].set()
+        self.step_started[(run_id, request.context.step_id)].set()
+        counted = ("all", f"agent:{request.agent}", f"user:{request.context.user_id}")
+        self._count(counted, 1)
         try:
             match request.agent:
                 case "echo":
@@ -142,9 +164,32 @@ class ScriptedWorker(agent_worker_pb2_grpc.AgentWorkerServicer):
                             output=convert.struct({"attempt": request.context.attempt, "echo": values})
                         )
                     )
+                case "nap" | "nap-b":
+                    if self.in_progress["all"] >= self.first_wave:
+                        self._wave_in.set()
+                    await self._wave_in.wait()
+                    await asyncio.sleep(float(convert.from_struct(request.input).get("seconds", 0.1)))
+                    yield agent_worker_pb2.ExecuteUpdate(
+                        result=agent_worker_pb2.Result(output=convert.struct({"slept": True}))
+                    )
+                case "gated":
+                    gate = self.gates[run_id]
+                    while not gate.is_set():
+                        yield agent_worker_pb2.ExecuteUpdate(heartbeat=agent_worker_pb2.Heartbeat())
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.05):
+                                await gate.wait()
+                    yield agent_worker_pb2.ExecuteUpdate(thinking=agent_worker_pb2.Thinking(text="let in"))
+                    yield agent_worker_pb2.ExecuteUpdate(
+                        result=agent_worker_pb2.Result(
+                            output=convert.struct({"attempt": request.context.attempt})
+                        )
+                    )
         except asyncio.CancelledError:
             self.cancelled[run_id].set()
             raise
+        finally:
+            self._count(counted, -1)
 
 
 def agent_spec(name: str, endpoint: str, **overrides: Any) -> AgentSpec:
@@ -253,6 +298,17 @@ class Rig:
     async def wait_state(self, run_id: str, state: RunState) -> RunRecord:
         return await self.wait_for(run_id, lambda r: r.state is state)
 
+    async def settled(self, run_id: str, predicate: Callable[[RunRecord], bool]) -> RunRecord:
+        """The run once `predicate` holds, whichever replica changes it (polled:
+        on SQLite no notice crosses from another replica)."""
+        async with asyncio.timeout(PATIENCE_SECONDS):
+            while True:
+                run = await self.store.get_run(run_id)
+                assert run is not None
+                if predicate(run):
+                    return run
+                await asyncio.sleep(0.02)
+
     async def published(self, run_id: str, count: int) -> list[OutboxEvent]:
         """The run's events in the (fake) events service once `count` arrived."""
         async with asyncio.timeout(PATIENCE_SECONDS):
@@ -281,6 +337,8 @@ async def make_rig(tmp_path: Path, worker_endpoint: tuple[ScriptedWorker, str]) 
     worker, endpoint = worker_endpoint
     url = f"sqlite:///{tmp_path / 'executor.db'}"
     await asyncio.to_thread(migrate, url, MIGRATIONS)
+    # One writer at a time in this process, as one store would have it.
+    write_lock = asyncio.Lock()
 
     async def build(
         *,
@@ -292,8 +350,12 @@ async def make_rig(tmp_path: Path, worker_endpoint: tuple[ScriptedWorker, str]) 
         start: bool = True,
         breaker: BreakerSettings | None = None,
         compensation_timeout_seconds: float = 20.0,
+        replica_id: str = "replica-a",
+        lease_seconds: float = 10.0,
     ) -> Rig:
-        store = SqlRunStore(create_engine(url))
+        store = SqlRunStore(
+            create_engine(url), replica_id=replica_id, lease_seconds=lease_seconds, write_lock=write_lock
+        )
         tracer, exporter = in_memory_tracer()
         publisher = publisher or RecordingPublisher()
         relay = OutboxRelay(
@@ -312,7 +374,7 @@ async def make_rig(tmp_path: Path, worker_endpoint: tuple[ScriptedWorker, str]) 
             if agents is not None
             else {
                 name: agent_spec(name, endpoint)
-                for name in ("echo", "slow", "silent", "broken", "quitter", "flaky")
+                for name in ("echo", "slow", "silent", "broken", "quitter", "flaky", "gated", "nap", "nap-b")
             }
         )
         channels = ServiceChannels()
@@ -331,11 +393,12 @@ async def make_rig(tmp_path: Path, worker_endpoint: tuple[ScriptedWorker, str]) 
             signals=signals,
             agents=directory,
             runner=runner,
-            admission=Admission(global_cap, per_user),
+            limits=AdmissionLimits(global_cap, per_user),
             published=relay,
             settings=settings or ExecutorSettings(publish_wait_seconds=1.0),
             tracer=tracer,
             admission_poll_seconds=0.2,
+            lease_seconds=lease_seconds,
         )
         rig = Rig(
             store,
@@ -356,7 +419,7 @@ async def make_rig(tmp_path: Path, worker_endpoint: tuple[ScriptedWorker, str]) 
         if start:
             await runs.recover()
             relay.start()
-            await runs.resume_queued()
+            await runs.start()
         return rig
 
     yield build
