@@ -4,6 +4,10 @@ Tokens are EdDSA-signed JWTs. Keys come from `AuthService.GetJwks`, cached and
 refetched when a token names an unknown `kid` (so a rotated key is picked up on
 first sight). Revocations come from the `ListTokenRevocations` feed, polled in
 the background: verification never calls the auth service on the hot path.
+
+A token's signature and claims are checked once: the principal is then kept in
+a bounded cache until the token expires (see `VerifiedTokenCache`), while the
+revocation check, a set lookup, still runs on every call.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import contextlib
 import enum
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +38,9 @@ LEEWAY_SECONDS = 5
 # Unknown kids are refetched at most this often, so garbage tokens cannot make
 # a service hammer the auth service.
 JWKS_MIN_REFRESH_SECONDS = 1.0
+# Verified tokens remembered per process. A token is about 600 bytes, so the
+# cache holds a few MB at most; callers past it are verified afresh.
+VERIFIED_TOKEN_CACHE_SIZE = 4096
 
 
 class Role(enum.StrEnum):
@@ -74,9 +83,58 @@ def jwk_from_proto(key: token_pb2.JsonWebKey) -> jwt.PyJWK:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    """A token whose signature and claims checked out: who it names, and the
+    key that signed it."""
+
+    principal: Principal
+    kid: str
+
+
+class VerifiedTokenCache:
+    """Tokens whose signature and claims have been checked, least recently used
+    first, at most `max_size` of them. Single-threaded (the event loop's)."""
+
+    def __init__(self, max_size: int = VERIFIED_TOKEN_CACHE_SIZE) -> None:
+        if max_size < 0:
+            raise ValueError("max_size must not be negative")
+        self.max_size = max_size
+        self._entries: OrderedDict[str, VerifiedToken] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, token: str) -> bool:
+        return token in self._entries
+
+    def get(self, token: str) -> VerifiedToken | None:
+        entry = self._entries.get(token)
+        if entry is not None:
+            self._entries.move_to_end(token)
+        return entry
+
+    def put(self, token: str, entry: VerifiedToken) -> None:
+        if self.max_size == 0:
+            return
+        self._entries[token] = entry
+        self._entries.move_to_end(token)
+        while len(self._entries) > self.max_size:
+            self._entries.popitem(last=False)
+
+    def drop(self, token: str) -> None:
+        self._entries.pop(token, None)
+
+
 class TokenVerifier:
     """Verifies access tokens locally; every refusal is counted by reason
-    (`switchboard.token.verification.failures`, see services.common.metrics)."""
+    (`switchboard.token.verification.failures`, see services.common.metrics).
+
+    The signature (Ed25519, the costly part) and the claims of a token are
+    checked on first sight; the principal is then cached until the token
+    expires. A cached token is still refused once it has expired (with the
+    same leeway as a fresh check), once it or its session is revoked (checked
+    on every call), and once its signing key is no longer published."""
 
     def __init__(
         self,
@@ -86,12 +144,16 @@ class TokenVerifier:
         audience: str,
         *,
         meter_provider: MeterProvider | None = None,
+        cache_size: int = VERIFIED_TOKEN_CACHE_SIZE,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._keys = keys
         self._revocations = revocations
         self._issuer = issuer
         self._audience = audience
         self._metrics = TokenVerificationMetrics(meter_provider)
+        self.cache = VerifiedTokenCache(cache_size)
+        self._clock = clock
 
     def _refuse(self, reason: str, message: str, error_reason: str = "TOKEN_INVALID") -> Unauthenticated:
         self._metrics.failed(reason)
@@ -107,6 +169,31 @@ class TokenVerifier:
         return await self.verify(token)
 
     async def verify(self, token: str) -> Principal:
+        cached = self.cache.get(token)
+        if cached is not None:
+            principal = cached.principal
+            if self._clock() >= principal.expires_at + LEEWAY_SECONDS:
+                # PyJWT's own rule: expired once exp + leeway has passed.
+                self.cache.drop(token)
+                raise self._refuse("expired", "the access token has expired", "TOKEN_EXPIRED")
+            if await self._keys.key(cached.kid) is None:
+                # Its key is no longer published: check it afresh (and refuse it).
+                self.cache.drop(token)
+            else:
+                return self._unless_revoked(principal)
+        principal, kid = await self._verify_signed(token)
+        principal = self._unless_revoked(principal)
+        self.cache.put(token, VerifiedToken(principal, kid))
+        return principal
+
+    def _unless_revoked(self, principal: Principal) -> Principal:
+        if self._revocations.is_revoked(principal.token_id, principal.session_id):
+            raise self._refuse("revoked", "the access token has been revoked", "TOKEN_REVOKED")
+        return principal
+
+    async def _verify_signed(self, token: str) -> tuple[Principal, str]:
+        """The principal of a token whose signature and claims check out, and
+        the id of the key that signed it."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -146,9 +233,7 @@ class TokenVerifier:
             )
         except ValueError:
             raise self._refuse("invalid_claims", "the access token is invalid") from None
-        if self._revocations.is_revoked(principal.token_id, principal.session_id):
-            raise self._refuse("revoked", "the access token has been revoked", "TOKEN_REVOKED")
-        return principal
+        return principal, kid
 
 
 class RemoteKeySource:

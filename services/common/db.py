@@ -32,6 +32,10 @@ DATABASE_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# Connections to one SQLite database per process, all kept open.
+SQLITE_POOL_SIZE = 15
+
+
 def database_unavailable(retry_after: float = 1.0) -> Unavailable:
     return Unavailable(
         "the service's database is unavailable; retry shortly",
@@ -93,7 +97,14 @@ def create_engine(url: str) -> AsyncEngine:
         database = async_url.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["poolclass"] = pool.NullPool if database == ":memory:" else pool.AsyncAdaptedQueuePool
+        if database == ":memory:":
+            kwargs["poolclass"] = pool.NullPool
+        else:
+            # The default pool keeps 5 connections and opens up to 10 more under
+            # load, closing each on return: with aiosqlite every such connection
+            # is a new thread, a file open and four PRAGMAs. Keep all 15 open
+            # instead (the same cap on connections, without the churn).
+            kwargs.update(poolclass=pool.AsyncAdaptedQueuePool, pool_size=SQLITE_POOL_SIZE, max_overflow=0)
     else:
         kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
     engine = create_async_engine(async_url, **kwargs)

@@ -1,7 +1,11 @@
 """The server interceptor stack, outermost first: tracing → access log → error
 mapping → authentication (see `server.build_interceptors`).
 
-Each of ours wraps the method's behaviour once, for all four RPC kinds.
+Each of ours wraps the method's behaviour, for all four RPC kinds. grpc.aio
+asks every interceptor for the handler on every call, so the wrapped handlers
+are built once per method and reused (`WrappedHandlers`), and the four layers
+run as one interceptor (`InterceptorStack`): a call pays for the layers'
+own work, not for re-wrapping and a pipeline hop per layer.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -66,7 +70,12 @@ def _wrap_handler(handler: Any, wrap: Callable[[Behavior, bool], Behavior]) -> g
     )
 
 
-class _WrappingInterceptor(grpc.aio.ServerInterceptor):
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """One layer: `wrap` gives a method's behaviour with this layer around it.
+    Usable alone as an interceptor, or as a layer of an `InterceptorStack`."""
+
+    _handlers: WrappedHandlers | None = None
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -75,11 +84,56 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
-        return _wrap_handler(handler, lambda behavior, streaming: self.wrap(behavior, streaming, method))
+        if self._handlers is None:
+            self._handlers = WrappedHandlers((self,))
+        return self._handlers.wrapped(handler_call_details.method, handler)
 
     def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
         raise NotImplementedError
+
+
+class WrappedHandlers:
+    """Each method's handler with the layers (outermost first) around it, made
+    on the method's first call and reused while the server hands out the same
+    handler for it (it always does: handlers are registered once)."""
+
+    def __init__(self, layers: Sequence[WrappingInterceptor]) -> None:
+        self._innermost_first = tuple(reversed(layers))
+        # method -> (the handler as registered, the handler wrapped)
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrapped(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        known = self._by_method.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = handler
+        for layer in self._innermost_first:
+            wrapped = _wrap_handler(wrapped, _for_method(layer, method))
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
+def _for_method(layer: WrappingInterceptor, method: str) -> Callable[[Behavior, bool], Behavior]:
+    return lambda behavior, streaming: layer.wrap(behavior, streaming, method)
+
+
+class InterceptorStack(grpc.aio.ServerInterceptor):
+    """Several layers as one interceptor, outermost first: the same behaviour
+    as passing them to the server one by one, for one pipeline hop a call."""
+
+    def __init__(self, layers: Sequence[WrappingInterceptor]) -> None:
+        self.layers = tuple(layers)
+        self._handlers = WrappedHandlers(self.layers)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return self._handlers.wrapped(handler_call_details.method, handler)
 
 
 def _is_async_generator(behavior: Behavior, streaming: bool) -> bool:
@@ -95,7 +149,15 @@ def _status_code(context: Any, exc: BaseException | None) -> grpc.StatusCode:
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
-class TracingInterceptor(_WrappingInterceptor):
+def _record_exception(span: trace.Span, exc: Exception) -> None:
+    """As `trace.use_span` records an exception that leaves the span's scope
+    (the final status is set from the call's code afterwards)."""
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+class TracingInterceptor(WrappingInterceptor):
     """A SERVER span per RPC, child of the caller's W3C context (from metadata),
     with OpenTelemetry's `rpc.*` attributes, and the call's duration in the
     `rpc.server.call.duration` histogram (see services.common.metrics) by method
@@ -169,13 +231,17 @@ class TracingInterceptor(_WrappingInterceptor):
         async def unary(request: Any, context: Any) -> Any:
             started = time.perf_counter()
             span, failure = start(context), None
+            # What `trace.use_span(span)` does, without its context manager's cost.
+            token = otel_context.attach(trace.set_span_in_context(span))
             try:
-                with trace.use_span(span, end_on_exit=False):
-                    return await behavior(request, context)
+                return await behavior(request, context)
             except BaseException as exc:
                 failure = exc
+                if isinstance(exc, Exception):
+                    _record_exception(span, exc)
                 raise
             finally:
+                otel_context.detach(token)
                 finish(span, context, failure, started)
 
         return unary
@@ -189,7 +255,7 @@ POLLED_METHODS = frozenset(
 )
 
 
-class AccessLogInterceptor(_WrappingInterceptor):
+class AccessLogInterceptor(WrappingInterceptor):
     """One structured line per RPC: method, status code, duration."""
 
     def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
@@ -199,9 +265,13 @@ class AccessLogInterceptor(_WrappingInterceptor):
         # Polled by every service every second or so: logged when they fail.
         quiet = method in POLLED_METHODS
 
-        def finish(context: Any, started: float, code: str) -> None:
+        def finish(context: Any, started: float, failure: BaseException | None) -> None:
+            code = _status_code(context, failure).name
+            level = logging.DEBUG if quiet and code == "OK" else logging.INFO
+            if not log.isEnabledFor(level):
+                return
             log.log(
-                logging.DEBUG if quiet and code == "OK" else logging.INFO,
+                level,
                 "rpc",
                 extra={
                     "rpc_method": method,
@@ -209,9 +279,6 @@ class AccessLogInterceptor(_WrappingInterceptor):
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 },
             )
-
-        def code_of(context: Any, exc: BaseException | None) -> str:
-            return _status_code(context, exc).name
 
         if _is_async_generator(behavior, streaming):
 
@@ -224,7 +291,7 @@ class AccessLogInterceptor(_WrappingInterceptor):
                     failure = exc
                     raise
                 finally:
-                    finish(context, started, code_of(context, failure))
+                    finish(context, started, failure)
 
             return stream
 
@@ -236,12 +303,12 @@ class AccessLogInterceptor(_WrappingInterceptor):
                 failure = exc
                 raise
             finally:
-                finish(context, started, code_of(context, failure))
+                finish(context, started, failure)
 
         return unary
 
 
-class ErrorMappingInterceptor(_WrappingInterceptor):
+class ErrorMappingInterceptor(WrappingInterceptor):
     """The one place where errors become `google.rpc.Status`. Typed errors keep
     their code and details; a database that cannot be reached is UNAVAILABLE
     with a RetryInfo; anything else is INTERNAL with a generic message, and its
@@ -287,7 +354,7 @@ class ErrorMappingInterceptor(_WrappingInterceptor):
         return unary
 
 
-class AuthenticationInterceptor(_WrappingInterceptor):
+class AuthenticationInterceptor(WrappingInterceptor):
     """Verifies the bearer token locally and hands the principal to the method."""
 
     def __init__(self, verifier: TokenVerifier, public_methods: frozenset[str]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ from services.common.interceptors import (
     AccessLogInterceptor,
     AuthenticationInterceptor,
     ErrorMappingInterceptor,
+    InterceptorStack,
     TracingInterceptor,
 )
 from services.common.logs import configure_logging
@@ -125,12 +127,16 @@ async def database_ready(engine: AsyncEngine) -> bool:
 
 
 def build_interceptors(parts: ServiceParts) -> list[grpc.aio.ServerInterceptor]:
-    # Outermost first.
+    # Outermost first, as one interceptor: one pipeline hop a call instead of four.
     return [
-        TracingInterceptor(),
-        AccessLogInterceptor(),
-        ErrorMappingInterceptor(),
-        AuthenticationInterceptor(parts.verifier, parts.public_methods),
+        InterceptorStack(
+            [
+                TracingInterceptor(),
+                AccessLogInterceptor(),
+                ErrorMappingInterceptor(),
+                AuthenticationInterceptor(parts.verifier, parts.public_methods),
+            ]
+        )
     ]
 
 
@@ -175,6 +181,11 @@ async def serve(
 
     for hook in parts.on_start:
         await hook()
+    # What start-up made (modules, protobuf descriptors, SQLAlchemy metadata:
+    # ~140k objects) lives as long as the process: keep it out of the cyclic
+    # collector's full passes, which otherwise walk it all (50-100 ms each).
+    gc.collect()
+    gc.freeze()
     readiness = asyncio.create_task(_await_ready(parts, health_servicer, names), name="readiness")
     await stopping.wait()
 

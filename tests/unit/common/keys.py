@@ -15,6 +15,7 @@ ISSUER, AUDIENCE = "switchboard-auth", "switchboard"
 class Keys:
     def __init__(self) -> None:
         self.private: dict[str, Ed25519PrivateKey] = {}
+        self.public: dict[str, jwt.PyJWK] = {}
         self.lookups: list[str] = []
 
     def add(self) -> str:
@@ -26,14 +27,23 @@ class Keys:
         self.lookups.append(kid)
         private = self.private.get(kid)
         if private is None:
+            self.public.pop(kid, None)
             return None
-        return jwt.PyJWK.from_dict(
-            {
-                **jwt.algorithms.OKPAlgorithm.to_jwk(private.public_key(), as_dict=True),
-                "alg": "EdDSA",
-                "kid": kid,
-            }
-        )
+        # Parsed once per key, as the services' key sources do.
+        public = self.public.get(kid)
+        if public is None:
+            public = self.public[kid] = jwt.PyJWK.from_dict(
+                {
+                    **jwt.algorithms.OKPAlgorithm.to_jwk(private.public_key(), as_dict=True),
+                    "alg": "EdDSA",
+                    "kid": kid,
+                }
+            )
+        return public
+
+    def remove(self, kid: str) -> None:
+        """Stops publishing a key."""
+        del self.private[kid]
 
     def sign(self, kid: str, **overrides: Any) -> str:
         now = int(time.time())

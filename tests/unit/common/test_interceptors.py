@@ -13,7 +13,15 @@ from sqlalchemy.exc import OperationalError
 
 from services.common.auth import TokenVerifier
 from services.common.errors import FieldViolation, InvalidArgument, NotFound
-from services.common.interceptors import principal_of
+from services.common.interceptors import (
+    AccessLogInterceptor,
+    AuthenticationInterceptor,
+    ErrorMappingInterceptor,
+    InterceptorStack,
+    TracingInterceptor,
+    WrappingInterceptor,
+    principal_of,
+)
 from services.common.server import ServiceParts, build_interceptors
 from tests.unit.common.keys import AUDIENCE, ISSUER, Keys, Revocations
 
@@ -176,12 +184,6 @@ async def test_tracing_interceptor_continues_the_callers_trace_and_records_codes
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from services.common.interceptors import (
-        AuthenticationInterceptor,
-        ErrorMappingInterceptor,
-        TracingInterceptor,
-    )
-
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -219,3 +221,72 @@ async def test_tracing_interceptor_continues_the_callers_trace_and_records_codes
         assert span.attributes is not None
         assert span.attributes["rpc.grpc.status_code"] == code
         assert span.attributes["rpc.method"] == name
+
+
+class Recording(WrappingInterceptor):
+    """A layer that notes when it runs around a call, and when it wraps."""
+
+    def __init__(self, name: str, seen: list[str]) -> None:
+        self.name = name
+        self.seen = seen
+
+    def wrap(self, behavior: Any, streaming: bool, method: str) -> Any:
+        self.seen.append(f"wrap {self.name} {method}")
+
+        async def unary(request: bytes, context: Any) -> bytes:
+            self.seen.append(f"enter {self.name}")
+            try:
+                return bytes(await behavior(request, context))
+            finally:
+                self.seen.append(f"leave {self.name}")
+
+        return unary
+
+
+async def test_the_stack_runs_its_layers_outermost_first_and_wraps_each_method_once() -> None:
+    seen: list[str] = []
+    stack = InterceptorStack([Recording("outer", seen), Recording("inner", seen)])
+    registered = grpc.unary_unary_rpc_method_handler(public)
+    details: Any = type("Details", (), {"method": f"/{SERVICE}/Public", "invocation_metadata": ()})()
+
+    async def continuation(_: Any) -> grpc.RpcMethodHandler:
+        return registered
+
+    first: Any = await stack.intercept_service(continuation, details)
+    assert await first.unary_unary(b"", None) == b"hello"
+    assert seen == [
+        f"wrap inner /{SERVICE}/Public",
+        f"wrap outer /{SERVICE}/Public",
+        "enter outer",
+        "enter inner",
+        "leave inner",
+        "leave outer",
+    ]
+    seen.clear()
+    # Later calls reuse the wrapped handler: nothing is wrapped again.
+    assert await stack.intercept_service(continuation, details) is first
+    assert seen == []
+    # A handler the server did not hand out before is wrapped afresh.
+    registered = grpc.unary_unary_rpc_method_handler(who_am_i)
+    assert await stack.intercept_service(continuation, details) is not first
+    assert seen == [f"wrap inner /{SERVICE}/Public", f"wrap outer /{SERVICE}/Public"]
+
+
+async def test_the_server_stack_is_one_interceptor_of_the_four_layers_in_order() -> None:
+    async def ready() -> bool:
+        return True
+
+    keys = Keys()
+    parts = ServiceParts(
+        add_to_server=lambda server: [SERVICE],
+        verifier=TokenVerifier(keys, Revocations(), ISSUER, AUDIENCE),
+        check_ready=ready,
+    )
+    (stack,) = build_interceptors(parts)
+    assert isinstance(stack, InterceptorStack)
+    assert [type(layer) for layer in stack.layers] == [
+        TracingInterceptor,
+        AccessLogInterceptor,
+        ErrorMappingInterceptor,
+        AuthenticationInterceptor,
+    ]
