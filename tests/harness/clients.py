@@ -150,3 +150,25 @@ async def finished_run(suite: Suite, token: str, run_id: str, patience: float = 
     response = await executor_stub(suite).WaitRun(request, metadata=metadata(token), timeout=patience)
     assert response.done, response.run
     return response.run
+
+
+async def completed_events(
+    suite: Suite, token: str, run_id: str, patience: float = 60.0
+) -> list[event_pb2.Event]:
+    """The run's events once RUN_COMPLETED reached the events service (which
+    may not know the run yet, or be restarting)."""
+    stub = events_service_pb2_grpc.EventsServiceStub(suite.channel("events"))
+    async with asyncio.timeout(patience):
+        while True:
+            try:
+                page = await stub.ListEvents(
+                    events_service_pb2.ListEventsRequest(run_id=run_id, page_size=500),
+                    metadata=metadata(token),
+                    timeout=10,
+                )
+                if page.events and page.events[-1].type == event_pb2.EVENT_TYPE_RUN_COMPLETED:
+                    return list(page.events)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                    raise
+            await asyncio.sleep(0.2)

@@ -19,12 +19,12 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 from google.rpc import error_details_pb2
-from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_pb2_grpc
+from switchboard.events.v1 import event_pb2
 from switchboard.executor.v1 import executor_service_pb2, run_pb2
 from switchboard.registry.v1 import agent_pb2, registry_service_pb2, registry_service_pb2_grpc
 
+from tests.harness.clients import completed_events, finished_run, plain, struct
 from tests.harness.clients import executor_stub as executor
-from tests.harness.clients import finished_run, plain, struct
 from tests.harness.clients import get_run as get
 from tests.harness.suite import Suite, free_port, start_suite
 
@@ -114,22 +114,7 @@ async def attempt_running(suite: Suite, token: str, run_id: str, attempt: int) -
 
 
 async def events_of(suite: Suite, token: str, run_id: str) -> list[event_pb2.Event]:
-    """The run's events once RUN_COMPLETED reached the events service."""
-    stub = events_service_pb2_grpc.EventsServiceStub(suite.channel("events"))
-    async with asyncio.timeout(PATIENCE_SECONDS):
-        while True:
-            try:
-                page = await stub.ListEvents(
-                    events_service_pb2.ListEventsRequest(run_id=run_id, page_size=500),
-                    metadata=suite.metadata(token),
-                    timeout=10,
-                )
-                if page.events and page.events[-1].type == event_pb2.EVENT_TYPE_RUN_COMPLETED:
-                    return list(page.events)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-            await asyncio.sleep(0.2)
+    return await completed_events(suite, token, run_id, PATIENCE_SECONDS)
 
 
 def worker_spans(suite: Suite, run_id: str) -> list[dict[str, Any]]:

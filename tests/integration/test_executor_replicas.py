@@ -30,12 +30,13 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from switchboard.agent.v1 import agent_worker_pb2, agent_worker_pb2_grpc
 from switchboard.auth.v1 import auth_service_pb2, user_pb2
-from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_pb2_grpc
+from switchboard.events.v1 import event_pb2
 from switchboard.executor.v1 import executor_service_pb2, executor_service_pb2_grpc, run_pb2
 from switchboard.registry.v1 import agent_pb2, registry_service_pb2, registry_service_pb2_grpc
 
 from services.common import convert
 from services.launcher import ServiceProcess, service_environment
+from tests.harness.clients import completed_events
 from tests.harness.suite import TEST_PASSWORD, Suite, free_port, start_suite
 
 pytestmark = pytest.mark.postgres
@@ -273,22 +274,7 @@ async def finished(stub: Any, suite: Suite, token: str, run_id: str) -> run_pb2.
 
 
 async def events_of(suite: Suite, token: str, run_id: str) -> list[event_pb2.Event]:
-    """The run's events once RUN_COMPLETED reached the events service."""
-    stub = events_service_pb2_grpc.EventsServiceStub(suite.channel("events"))
-    async with asyncio.timeout(PATIENCE_SECONDS):
-        while True:
-            try:
-                page = await stub.ListEvents(
-                    events_service_pb2.ListEventsRequest(run_id=run_id, page_size=500),
-                    metadata=suite.metadata(token),
-                    timeout=10,
-                )
-                if page.events and page.events[-1].type == event_pb2.EVENT_TYPE_RUN_COMPLETED:
-                    return list(page.events)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-            await asyncio.sleep(0.2)
+    return await completed_events(suite, token, run_id, PATIENCE_SECONDS)
 
 
 async def test_two_replicas_share_the_load_within_the_limits_and_survive_a_kill(replicas: Replicas) -> None:

@@ -13,11 +13,11 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from switchboard.events.v1 import event_pb2, events_service_pb2, events_service_pb2_grpc
+from switchboard.events.v1 import event_pb2
 from switchboard.executor.v1 import executor_service_pb2, run_pb2
 
+from tests.harness.clients import completed_events, finished_run, plain, struct
 from tests.harness.clients import executor_stub as executor
-from tests.harness.clients import finished_run, plain, struct
 from tests.harness.clients import get_run as get
 from tests.harness.suite import Suite
 
@@ -56,22 +56,7 @@ def seconds(timestamp: Any) -> float:
 
 
 async def events_of(suite: Suite, token: str, run_id: str) -> list[event_pb2.Event]:
-    """The run's events once RUN_COMPLETED reached the events service."""
-    stub = events_service_pb2_grpc.EventsServiceStub(suite.channel("events"))
-    async with asyncio.timeout(PATIENCE_SECONDS):
-        while True:
-            try:
-                page = await stub.ListEvents(
-                    events_service_pb2.ListEventsRequest(run_id=run_id, page_size=500),
-                    metadata=suite.metadata(token),
-                    timeout=10,
-                )
-                if page.events and page.events[-1].type == event_pb2.EVENT_TYPE_RUN_COMPLETED:
-                    return list(page.events)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
-                    raise
-            await asyncio.sleep(0.2)
+    return await completed_events(suite, token, run_id, PATIENCE_SECONDS)
 
 
 async def test_a_two_step_workflow_feeds_one_agents_output_to_the_next(suite: Suite) -> None:
