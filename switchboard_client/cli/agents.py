@@ -198,21 +198,7 @@ def apply_definition_flags(args: argparse.Namespace, agent: agent_pb2.Agent) -> 
 async def list_agents(ctx: Context) -> int:
     args = ctx.args
     request = registry_service_pb2.ListAgentsRequest(page_size=args.page_size, page_token=args.page_token)
-    response = await ctx.call("registry", "ListAgents", request)
-    agents = list(response.agents)
-    while args.all and response.next_page_token:
-        request.page_token = response.next_page_token
-        response = await ctx.call("registry", "ListAgents", request)
-        agents.extend(response.agents)
-    if ctx.out.json_mode:
-        ctx.out.message(
-            registry_service_pb2.ListAgentsResponse(agents=agents, next_page_token=response.next_page_token)
-        )
-        return 0
-    ctx.out.table(AGENT_HEADERS, [agent_row(agent) for agent in agents])
-    if response.next_page_token:
-        ctx.out.note(f"more: --page-token {response.next_page_token} (or --all)")
-    return 0
+    return await ctx.show_list("registry", "ListAgents", request, "agents", AGENT_HEADERS, agent_row)
 
 
 async def get_agent(ctx: Context) -> int:

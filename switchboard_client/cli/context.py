@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,6 +82,33 @@ class Context:
             return await getattr(self.stub(service), method)(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as error:
             raise describe_rpc_error(error, service, login_hint=False) from None
+
+    async def show_list(
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        field: str,
+        headers: Sequence[str],
+        row: Callable[[Any], Sequence[str]],
+    ) -> int:
+        """A List call shown as a table (or its response as JSON): one page,
+        or every page with `--all`."""
+        response = await self.call(service, method, request)
+        items = list(getattr(response, field))
+        while self.args.all and response.next_page_token:
+            request.page_token = response.next_page_token
+            response = await self.call(service, method, request)
+            items.extend(getattr(response, field))
+        if self.out.json_mode:
+            merged = type(response)(next_page_token=response.next_page_token)
+            getattr(merged, field).extend(items)
+            self.out.message(merged)
+            return 0
+        self.out.table(headers, [row(item) for item in items])
+        if response.next_page_token:
+            self.out.note(f"more: --page-token {response.next_page_token} (or --all)")
+        return 0
 
     async def close(self) -> None:
         for channel in self._channels.values():

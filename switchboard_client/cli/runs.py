@@ -170,21 +170,7 @@ async def list_runs(ctx: Context) -> int:
         agent=args.agent,
         thread_id=args.thread,
     )
-    response = await ctx.call("executor", "ListRuns", request)
-    runs = list(response.runs)
-    while args.all and response.next_page_token:
-        request.page_token = response.next_page_token
-        response = await ctx.call("executor", "ListRuns", request)
-        runs.extend(response.runs)
-    if ctx.out.json_mode:
-        ctx.out.message(
-            executor_service_pb2.ListRunsResponse(runs=runs, next_page_token=response.next_page_token)
-        )
-        return 0
-    ctx.out.table(RUN_HEADERS, [run_row(run) for run in runs])
-    if response.next_page_token:
-        ctx.out.note(f"more: --page-token {response.next_page_token} (or --all)")
-    return 0
+    return await ctx.show_list("executor", "ListRuns", request, "runs", RUN_HEADERS, run_row)
 
 
 async def get_run(ctx: Context) -> int:

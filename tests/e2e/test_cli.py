@@ -296,6 +296,13 @@ async def test_agents_register_get_and_list(suite: Suite, tmp_path: Path) -> Non
     table = await admin.cli("agents", "list", "--all")
     assert table.out.splitlines()[0].split()[:2] == ["NAME", "ENDPOINT"]
     assert any(line.split()[0] == name for line in table.out.splitlines()[1:])
+    # Without --all: one page, and the token of the next one.
+    first = await admin.cli("agents", "list", "--page-size", "1", "--json")
+    assert [a["name"] for a in first.json()["agents"]] == names[:1]
+    token = first.json()["nextPageToken"]
+    second = await admin.cli("agents", "list", "--page-size", "1", "--page-token", token)
+    assert second.out.splitlines()[1].split()[0] == names[1]
+    assert "more: --page-token" in second.err
 
     again = await admin.cli("agents", "register", name, "--endpoint", suite.address["worker"])
     assert again.code == 1 and "ALREADY_EXISTS" in again.err
